@@ -1,0 +1,386 @@
+"""`prdp`: the command-line face of the engine (train, export, sample, score).
+
+Training flags are generated from TrainConfig, so the CLI, the Gradio tab and the ComfyUI nodes share one set of
+names, defaults and help texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+from .config import TrainConfig, config_fields, field_type
+from .errors import ConfigError, PrdpError
+
+TRAIN_EPILOG = """examples:
+  prdp train                                   # the embedded default: a tiny model on CPU, JPEG reward
+  prdp train --model ./sd15 --prompts prompts.txt --reward jpeg_compressibility --epochs 50 --out runs
+  prdp train --config my_run.toml --seed 3     # a config file, with flags overriding it
+  prdp train --resume runs/20261124-101500     # continue a stopped run (--epochs N extends it)
+
+Every run writes a folder with config.toml, metrics.jsonl, checkpoints/, previews/, reward_curve.png,
+summary.json and the kohya LoRA (<lora-name>.safetensors) that ComfyUI, A1111/Forge and diffusers load.
+Ctrl-C stops cleanly: the last finished epoch is exported and can be resumed."""
+
+# Flags whose names differ from their config field, or that take a special form.
+_RENAMED = {"output_dir": "--out"}
+_SPECIAL = {"rewards"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keeps import-time notices out of the CLI output
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except PrdpError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user error: one line unless asked for the traceback
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (run again with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prdp", description="Reward finetuning of Stable Diffusion LoRAs with PRDP (CVPR 2024): sample images, "
+        "score them with reward models, train a LoRA that raises the reward, export it for ComfyUI, A1111 and "
+        "diffusers.")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks of unexpected errors.")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    train = commands.add_parser("train", help="Train a LoRA (no arguments: the embedded default on CPU).",
+                                description="Train a LoRA with PRDP (or the DDPO baseline) on a reward mix.",
+                                epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--config", metavar="FILE", help="A .toml or .json config; flags given here override it.")
+    train.add_argument("--resume", metavar="RUN_DIR", help="Continue a stopped run from its last checkpoint.")
+    train.add_argument("--reward", action="append", metavar="NAME[=WEIGHT]", dest="reward",
+                       help="A reward and its weight (default 1), repeatable: --reward jpeg_compressibility=1 "
+                            "--reward mymodule:score=0.5.")
+    train.add_argument("--save-config", metavar="FILE", help="Write the resolved config to FILE and exit.")
+    train.add_argument("--quiet", action="store_true", help="No progress bar, only the final summary.")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in config_fields():
+        if f.name in _SPECIAL:
+            continue
+        group = groups.setdefault(f.metadata["group"], train.add_argument_group(f"{f.metadata['group']} options"))
+        flag = _RENAMED.get(f.name, "--" + f.name.replace("_", "-"))
+        kind = field_type(f.name)
+        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        if kind is list:
+            extra["type"] = lambda text: [t.strip() for t in text.split(",") if t.strip()]
+            metavar = "A,B,..."
+        else:
+            extra["type"] = kind
+            metavar = None if "choices" in f.metadata else {int: "N", float: "X", str: "TEXT"}[kind]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(default) if isinstance(default, list) else default
+        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+                           help=f"{f.metadata['help']} (default: {shown!s})".replace("%", "%%"), **extra)
+    train.set_defaults(func=cmd_train)
+
+    export = commands.add_parser("export", help="Export a run's LoRA in another format or precision.",
+                                 description="Write the LoRA of a run folder's latest checkpoint as one file.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="A run folder written by prdp train.")
+    export.add_argument("--out", required=True, metavar="FILE", help="Output .safetensors file.")
+    export.add_argument("--format", choices=("kohya", "diffusers"), default="kohya",
+                        help="kohya loads in ComfyUI, A1111/Forge and diffusers (default); diffusers loads only there.")
+    export.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="Tensor precision.")
+    export.set_defaults(func=cmd_export)
+
+    sample = commands.add_parser("sample", help="Generate images with and without a LoRA on fixed seeds.",
+                                 description="Generate images from a base model, and with --lora the same seeds "
+                                 "with the LoRA applied, plus a side-by-side comparison.png.")
+    sample.add_argument("--model", default="builtin:tiny", help="Base model (as for train).")
+    sample.add_argument("--lora", metavar="FILE", help="A LoRA .safetensors (kohya or diffusers format).")
+    sample.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0).")
+    sample.add_argument("--prompt", action="append", help="A prompt, repeatable.")
+    sample.add_argument("--prompts", metavar="SOURCE", help="Prompt file or builtin set (as for train).")
+    sample.add_argument("--seeds", default="0,1,2,3", help="Comma-separated seeds, one image each (default 0,1,2,3).")
+    sample.add_argument("--steps", type=int, default=TrainConfig.num_steps, help="DDIM steps.")
+    sample.add_argument("--guidance-scale", type=float, default=TrainConfig.guidance_scale, help="CFG scale.")
+    sample.add_argument("--eta", type=float, default=TrainConfig.eta, help="DDIM eta.")
+    sample.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    sample.add_argument("--out", required=True, metavar="DIR", help="Output folder.")
+    sample.set_defaults(func=cmd_sample)
+
+    score = commands.add_parser("score", help="Score images with a reward mix.",
+                                description="Score image files with a reward mix; prints CSV (or JSON) with one "
+                                "row per image and the mean.")
+    score.add_argument("--reward", action="append", required=True, metavar="NAME[=WEIGHT]",
+                       help="A reward and its weight, repeatable.")
+    score.add_argument("--images", nargs="+", required=True, metavar="PATH", help="Image files or folders.")
+    score.add_argument("--prompt", help="One prompt for every image.")
+    score.add_argument("--prompts", metavar="FILE", help="One prompt per line, in the sorted order of the images. "
+                       "Without --prompt/--prompts, a caption IMAGE.txt next to each image is used if present.")
+    score.add_argument("--format", choices=("csv", "json"), default="csv")
+    score.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    score.set_defaults(func=cmd_score)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ train
+def parse_reward_flags(flags: list[str]) -> dict[str, float]:
+    """NAME[=WEIGHT] items; the weight follows the last '=' so module:function names keep their colons."""
+    rewards = {}
+    for item in flags:
+        name, sep, weight = item.rpartition("=")
+        if not sep:
+            name, weight = item, "1"
+        try:
+            rewards[name.strip()] = float(weight)
+        except ValueError:
+            raise ConfigError(f"--reward {item!r}: the weight after '=' must be a number, e.g. "
+                              f"--reward jpeg_compressibility=1.0.") from None
+    return rewards
+
+
+def _overrides(args) -> dict:
+    names = {f.name for f in config_fields()}
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if args.reward:
+        values["rewards"] = parse_reward_flags(args.reward)
+    return values
+
+
+def resolve_train_config(args) -> TrainConfig:
+    config = TrainConfig.load(args.config) if args.config else TrainConfig()
+    data = config.to_dict()
+    data.update(_overrides(args))
+    return TrainConfig.from_dict(data, source="flags")
+
+
+def cmd_train(args) -> int:
+    from .trainer import Trainer
+
+    if args.resume:
+        overrides = _overrides(args)
+        extra = sorted(set(overrides) - {"epochs"}) + (["--config"] if args.config else [])
+        if extra:
+            raise ConfigError(f"--resume continues a run with its saved config; only --epochs can change, not "
+                              f"{', '.join(extra)}.")
+        trainer = Trainer.resume(args.resume, epochs=overrides.get("epochs"))
+    else:
+        config = resolve_train_config(args)
+        if args.save_config:
+            config.save(args.save_config)
+            print(f"config written to {args.save_config}")
+            return 0
+        trainer = Trainer(config)
+    reporter = _Reporter(trainer.config, quiet=args.quiet)
+    trainer.on_event = reporter
+    stop = threading.Event()
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["lora"] = trainer.run(stop)
+        except BaseException as exc:  # handed to the main thread, which reports it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work, name="prdp-train", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        try:
+            thread.join(0.2)
+        except KeyboardInterrupt:
+            if stop.is_set():
+                raise
+            print("\nstopping after the current step (Ctrl-C again to abort without exporting)...", file=sys.stderr)
+            stop.set()
+    reporter.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    return 0
+
+
+class _Reporter:
+    """Turns trainer events into a tqdm bar and a few readable lines."""
+
+    def __init__(self, config: TrainConfig, quiet: bool):
+        self.config, self.quiet, self.bar = config, quiet, None
+
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
+
+        kind = event.kind
+        if kind == "RunStarted":
+            self._print(f"run folder: {event.run_dir}" + (f" (resuming after epoch {event.start_epoch})"
+                                                          if event.start_epoch else ""))
+            self._print(f"model {self.config.model}, LoRA rank {self.config.lora_rank} alpha "
+                        f"{self.config.lora_alpha:g} on {event.lora_modules} modules, objective {self.config.objective}")
+        elif kind == "Progress" and not self.quiet:
+            label = f"epoch {event.epoch + 1}/{self.config.epochs} {event.phase}"
+            if self.bar is None or self.bar.desc != label:
+                self.close()
+                self.bar = tqdm(total=event.total, desc=label, leave=False, file=sys.stderr, dynamic_ncols=True)
+            self.bar.n = event.done
+            self.bar.refresh()
+        elif kind == "Evaluated":
+            parts = [f"{name} {r['mean']:.4g} ± {r['se']:.2g}" for name, r in event.results.items()]
+            self._print(f"eval {event.label}: " + ", ".join(parts))
+        elif kind == "EpochEnd":
+            m = event.metrics
+            self._print(f"epoch {m['epoch']}/{self.config.epochs}: reward {m['reward_mean']:.4g} ± {m['reward_std']:.2g}"
+                        f"  loss {m['loss']:.3g}  clipped {100 * m['clip_fraction']:.0f}%"
+                        f"  ({m['timings']['total']:.1f} s)")
+        elif kind == "Finished":
+            self.close()
+            if event.cancelled:
+                print(f"stopped after epoch {event.summary.get('stopped_after_epoch')}; LoRA so far: {event.lora_path}\n"
+                      f"continue with: prdp train --resume {event.run_dir}")
+                return
+            for name, ev in event.summary["eval"].items():
+                before, after = ev["before"], ev["after"]
+                print(f"{name} prompts: reward {before['mean']:.4g} ± {before['se']:.2g} -> {after['mean']:.4g} ± "
+                      f"{after['se']:.2g}")
+            print(f"LoRA: {event.lora_path}\npreviews: {event.run_dir / 'previews'}  curve: "
+                  f"{event.run_dir / 'reward_curve.png'}  ({event.summary['wall_time_s']:.0f} s)")
+
+    def _print(self, text: str) -> None:
+        from tqdm import tqdm
+
+        if self.quiet:
+            return
+        tqdm.write(text, file=sys.stdout)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ------------------------------------------------------------------------------------------------ export
+def cmd_export(args) -> int:
+    from .export import export_lora
+
+    path = export_lora(args.run_dir, args.out, format=args.format, dtype=args.dtype)
+    print(f"LoRA written to {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ sample
+def cmd_sample(args) -> int:
+    import torch
+
+    from .models import load_pipeline, resolve_device
+    from .plots import image_grid
+    from .prompts import load_prompts
+
+    prompts = (args.prompt or []) + (load_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise ConfigError("no prompt given; pass --prompt TEXT (repeatable) or --prompts FILE.")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r} must be comma-separated integers, e.g. 0,1,2,3.") from None
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"output folder {out} is not writable ({exc.strerror}); choose another --out.") from None
+    pipe = load_pipeline(args.model, "fp32", resolve_device(args.device))
+    variants = ["base"]
+    if args.lora:
+        lora = Path(args.lora)
+        if not lora.is_file():
+            raise ConfigError(f"LoRA file {lora} does not exist.")
+        try:
+            pipe.load_lora_weights(str(lora), adapter_name="prdp")
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise PrdpError(f"LoRA {lora} does not fit model {args.model}: {str(exc).splitlines()[0]}") from None
+        pipe.set_adapters(["prdp"], adapter_weights=[args.lora_scale])
+        variants.append("lora")
+    rows, titles = [], []
+    for j, prompt in enumerate(prompts):
+        for variant in variants:
+            if args.lora:
+                pipe.enable_lora() if variant == "lora" else pipe.disable_lora()
+            images = []
+            for seed in seeds:
+                image = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
+                             generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+                (out / variant).mkdir(exist_ok=True)
+                image.save(out / variant / f"p{j:03d}_s{seed}.png")
+                images.append(image)
+            rows.append(images)
+            titles.append(f"{variant}: {prompt}")
+    image_grid(rows, [[f"seed {s}" for s in seeds]] * len(rows), titles).save(out / "comparison.png")
+    print(f"{len(prompts) * len(seeds) * len(variants)} images and comparison.png written to {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ score
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def cmd_score(args) -> int:
+    from PIL import Image
+
+    from .models import resolve_device
+    from .prompts import load_prompts
+    from .rewards import RewardMix
+
+    files = []
+    for item in args.images:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"image path {path} does not exist.")
+    if not files:
+        raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {' '.join(args.images)}.")
+    if args.prompt is not None:
+        prompts = [args.prompt] * len(files)
+    elif args.prompts:
+        prompts = load_prompts(args.prompts)
+        if len(prompts) != len(files):
+            raise ConfigError(f"{args.prompts} has {len(prompts)} prompts for {len(files)} images; give one per image.")
+    else:
+        prompts = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() if p.with_suffix(".txt").is_file() else ""
+                   for p in files]
+    mix = RewardMix(parse_reward_flags(args.reward), device=resolve_device(args.device))
+    images = []
+    for path in files:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except OSError:
+            raise ConfigError(f"{path} is not a readable image.") from None
+    total, components = mix.score(images, prompts)
+    names = list(components)
+    if args.format == "json":
+        rows = [{"image": str(f), "prompt": p, "total": total[i].item(),
+                 **{n: components[n][i].item() for n in names}} for i, (f, p) in enumerate(zip(files, prompts))]
+        means = {"total": total.mean().item(), **{n: components[n].mean().item() for n in names}}
+        print(json.dumps({"reward": mix.describe(), "images": rows, "mean": means}, indent=2))
+    else:
+        print(",".join(["image", "total", *names]))
+        for i, path in enumerate(files):
+            print(",".join([_csv(str(path)), f"{total[i].item():.6g}", *(f"{components[n][i].item():.6g}" for n in names)]))
+        print(",".join(["mean", f"{total.mean().item():.6g}", *(f"{components[n].mean().item():.6g}" for n in names)]))
+    return 0
+
+
+def _csv(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The one typed configuration shared by the CLI, the Gradio tab and the ComfyUI nodes.
+
+Every field carries its help text, its group and (where it has one) its list of choices in the
+dataclass metadata; the faces generate their flags and widgets from `config_fields()` instead of
+re-declaring them. Defaults run the embedded model on a CPU in minutes; the paper's settings for a
+real SD model are documented in the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .files import atomic_write_text
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# kohya-ss/sd-scripts' default UNet targets: every Linear / 1x1 conv inside the transformer blocks.
+KOHYA_UNET_TARGETS = ("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+def _field(default, help: str, group: str, choices: tuple | None = None, **kwargs):
+    metadata = {"help": help, "group": group}
+    if choices is not None:
+        metadata["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on
+    model: str = _field("builtin:tiny", "Base model: a builtin name (builtin:tiny), a hub id, a local diffusers "
+                        "folder, or a single-file .safetensors/.ckpt checkpoint.", "model")
+    prompts: str = _field("builtin:animals", "Training prompts: a .txt file (one per line, # comments), a .json "
+                          "list, or a builtin set (builtin:animals).", "model")
+    eval_prompts: str = _field("", "Held-out prompts (same forms as --prompts), evaluated as 'unseen' beside the "
+                               "training ('seen') prompts; empty: none.", "model")
+    rewards: dict = _field({"jpeg_compressibility": 1.0}, "Reward mix {name: weight}; on the CLI --reward "
+                           "NAME[=WEIGHT], repeatable. Names: see `prdp score --help`, or module:function.",
+                           "reward")
+    # --- the objective
+    objective: str = _field("prdp", "Objective: prdp (this project) or ddpo (PPO-clip baseline).", "objective",
+                            choices=("prdp", "ddpo"))
+    beta: float = _field(1.0, "PRDP KL weight: the regression target is the reward difference divided by beta; "
+                         "smaller beta moves further from the base model.", "objective")
+    clip_range: float = _field(1e-4, "PRDP per-step clip range on the implicit reward around the epoch's "
+                               "sampling model (prox. update); bites only when updates_per_epoch > 1.", "objective")
+    step_reduction: str = _field("mean", "How per-step implicit rewards combine over the trajectory: mean (the "
+                                 "paper's code) or sum (the paper's equations; divide beta by the step count).",
+                                 "objective", choices=("mean", "sum"))
+    ddpo_clip_range: float = _field(1e-4, "DDPO only: PPO clip range on the per-step probability ratio.",
+                                    "objective")
+    ddpo_adv_clip: float = _field(5.0, "DDPO only: advantages (per-prompt normalised rewards) are clipped to "
+                                  "+-this value.", "objective")
+    # --- the online loop
+    epochs: int = _field(8, "Training epochs (each samples fresh images, then updates the LoRA).", "loop")
+    prompts_per_epoch: int = _field(4, "Prompts drawn per epoch (N).", "loop")
+    images_per_prompt: int = _field(4, "Images sampled per prompt (B); pairs are formed among them.", "loop")
+    updates_per_epoch: int = _field(4, "Gradient updates per epoch on the same samples (K).", "loop")
+    batch_size: int = _field(4, "Images per UNet call, in sampling and training alike; lower it to save memory "
+                             "(results do not change).", "loop")
+    # --- the sampler
+    num_steps: int = _field(10, "DDIM sampling steps (T).", "sampler")
+    guidance_scale: float = _field(5.0, "Classifier-free guidance scale, applied inside every step.", "sampler")
+    eta: float = _field(1.0, "DDIM eta; must be > 0 so every step has a log-probability.", "sampler")
+    negative_prompt: str = _field("", "Negative prompt used for the unconditional branch of guidance.", "sampler")
+    resolution: int = _field(0, "Image side in pixels; 0 uses the model's native size.", "sampler")
+    # --- the LoRA
+    lora_rank: int = _field(8, "LoRA rank.", "lora")
+    lora_alpha: float = _field(8.0, "LoRA alpha; the adapter is scaled by alpha / rank (kohya convention).",
+                               "lora")
+    lora_targets: list = _field(list(KOHYA_UNET_TARGETS), "UNet module names the LoRA wraps (suffix match); the "
+                                "default is kohya's set.", "lora")
+    # --- the optimiser
+    learning_rate: float = _field(3e-4, "AdamW learning rate of the LoRA parameters.", "optimizer")
+    weight_decay: float = _field(1e-4, "AdamW weight decay.", "optimizer")
+    adam_beta1: float = _field(0.9, "AdamW beta1.", "optimizer")
+    adam_beta2: float = _field(0.999, "AdamW beta2.", "optimizer")
+    adam_eps: float = _field(1e-8, "AdamW epsilon.", "optimizer")
+    max_grad_norm: float = _field(1.0, "Gradient-norm clip; 0 disables it.", "optimizer")
+    # --- evaluation and outputs
+    eval_images_per_prompt: int = _field(4, "Images per evaluation prompt, on fixed seeds.", "eval")
+    eval_max_prompts: int = _field(8, "At most this many evaluation prompts (the first ones); 0 means all.",
+                                   "eval")
+    eval_every: int = _field(0, "Evaluate every this many epochs (always before and after); 0 means only "
+                             "before and after.", "eval")
+    seed: int = _field(0, "Seed for prompt draws, sampling noise and evaluation.", "run")
+    precision: str = _field("fp32", "Base-model weight dtype; LoRA parameters and log-probs stay fp32.", "run",
+                            choices=("fp32", "fp16", "bf16"))
+    device: str = _field("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps.", "run")
+    output_dir: str = _field("runs", "Folder that receives one sub-folder per run.", "run")
+    run_name: str = _field("", "Run folder name; empty means a timestamp.", "run")
+    lora_name: str = _field("", "File name of the exported LoRA (no folders); empty means prdp_<run name>.", "run")
+    keep_checkpoints: int = _field(2, "How many epoch checkpoints to keep (the latest ones).", "run")
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError naming the first bad field and the fix; return self when all is well."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = _FIELD_TYPES[f.name]
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ConfigError(f"{f.name} must be {_TYPE_NAMES[expected]}, got {value!r}; fix it in the "
+                                  f"config file or flag.")
+            if expected is float and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}.")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}.")
+        positive = ("epochs", "prompts_per_epoch", "updates_per_epoch", "batch_size", "num_steps", "lora_rank",
+                    "eval_images_per_prompt", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("beta", "clip_range", "learning_rate", "eta", "lora_alpha", "ddpo_clip_range", "ddpo_adv_clip"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be greater than 0, got {getattr(self, name)}.")
+        for name in ("weight_decay", "max_grad_norm", "eval_every", "eval_max_prompts", "resolution", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if self.images_per_prompt < 2:
+            raise ConfigError(f"images_per_prompt must be at least 2 (pairs are compared within a prompt), got "
+                              f"{self.images_per_prompt}.")
+        if self.eta > 1.0:
+            raise ConfigError(f"eta must be in (0, 1], got {self.eta}.")
+        if self.resolution and self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}.")
+        if not self.rewards:
+            raise ConfigError("rewards is empty; name at least one reward, e.g. --reward jpeg_compressibility.")
+        for name, weight in self.rewards.items():
+            if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                    or not math.isfinite(weight):
+                raise ConfigError(f"rewards must map reward names to finite weights, got {name!r}: {weight!r}.")
+        self.rewards = {name: float(weight) for name, weight in self.rewards.items()}
+        if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
+            raise ConfigError("lora_targets must be a non-empty list of module names, e.g. to_q,to_k,to_v,to_out.0.")
+        for name in ("run_name", "lora_name"):
+            check_file_name(getattr(self, name), name, allow_empty=True)
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else "."
+                raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
+        return cls(**data).validate()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass the path of a .toml or .json file.")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: "
+                              f"{exc}.") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a table of settings, got {type(data).__name__}.")
+        return cls.from_dict(data, source=str(path))
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix.lower() == ".json" else to_toml(self.to_dict())
+        atomic_write_text(path, text)
+
+
+_FIELD_TYPES = {"str": str, "int": int, "float": float, "dict": dict, "list": list}
+_FIELD_TYPES = {f.name: _FIELD_TYPES[f.type] for f in dataclasses.fields(TrainConfig)}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "a table", list: "a list"}
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The fields in declaration order, for faces that generate flags or widgets."""
+    return list(dataclasses.fields(TrainConfig))
+
+
+def field_type(name: str) -> type:
+    return _FIELD_TYPES[name]
+
+
+def check_file_name(name: str, what: str, allow_empty: bool = False) -> str:
+    """Refuse names that would escape their folder (path separators, '..')."""
+    if not name and allow_empty:
+        return name
+    if not name or "/" in name or "\\" in name or name in (".", "..") or ".." in name or "\0" in name:
+        raise ConfigError(f"{what} {name!r} must be a plain file name without path separators or '..'.")
+    return name
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Serialise the flat config (scalars, lists of scalars, one-level tables) as TOML."""
+    scalars, tables = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            body = "\n".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+            tables.append(f"[{key}]\n{body}\n")
+        else:
+            scalars.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(scalars) + "\n\n" + "\n".join(tables)
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

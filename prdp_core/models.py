@@ -1,0 +1,205 @@
+"""Loading the base model, building tiny SD-shaped models for tests, and attaching the LoRA."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import ModelLoadError
+
+BUILTIN_MODELS = ("builtin:tiny",)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the exporter and the hosts need to know about the base model."""
+
+    name: str  # as the user gave it
+    arch: str  # "sd1" | "sd2"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    resolution: int  # native image side in pixels
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"device {device!r} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was requested but this torch has no CUDA; use --device cpu or "
+                             f"install a CUDA build of torch.")
+    return resolved
+
+
+def load_pipeline(spec: str, dtype: str = "fp32", device: str | torch.device = "cpu"):
+    """A StableDiffusionPipeline with a DDIM scheduler, from a builtin name, a local diffusers folder, a
+    single-file checkpoint or a hub id. Raises ModelLoadError with the fix when that is impossible."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch_dtype = DTYPES[dtype]
+    if spec.startswith("builtin:"):
+        if spec not in BUILTIN_MODELS:
+            raise ModelLoadError(f"unknown builtin model {spec!r}; choose one of {', '.join(BUILTIN_MODELS)}.")
+        pipe = build_tiny_pipeline()
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise ModelLoadError(f"{spec} is a folder but not a diffusers model (no model_index.json); pass a "
+                                     f"diffusers folder or a .safetensors checkpoint file.")
+            pipe = _wrap_load(spec, lambda: StableDiffusionPipeline.from_pretrained(
+                str(path), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False))
+        elif path.is_file():
+            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                raise ModelLoadError(f"{spec} is not a model checkpoint; pass a .safetensors/.ckpt file or a "
+                                     f"diffusers folder.")
+            pipe = _wrap_load(spec, lambda: StableDiffusionPipeline.from_single_file(
+                str(path), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False))
+        elif _looks_like_path(spec):
+            raise ModelLoadError(f"model path {spec} does not exist; check the path, or pass a hub id such as "
+                                 f"stable-diffusion-v1-5/stable-diffusion-v1-5.")
+        else:
+            pipe = _wrap_load(spec, lambda: StableDiffusionPipeline.from_pretrained(
+                spec, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False))
+    # DDIM with eta > 0 is the policy whose per-step log-probs we train; x0-clipping would make its mean
+    # non-smooth, so it is off whatever the checkpoint's own scheduler said.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
+    if pipe.unet.dtype != torch_dtype:  # builtin models are built in fp32; hub/folder loads already are torch_dtype
+        pipe.to(dtype=torch_dtype)
+    pipe.to(device)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (spec.startswith((".", "~", os.sep)) or spec.lower().endswith(SINGLE_FILE_SUFFIXES)
+            or spec.count("/") > 1 or "\\" in spec)
+
+
+def _wrap_load(spec: str, load):
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        return load()
+    except (OSError, ValueError, EnvironmentError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if offline or "offline" in reason.lower() or "connect" in reason.lower():
+            raise ModelLoadError(f"model {spec!r} is not on this machine and the hub cannot be reached (offline); "
+                                 f"download it first or pass a local diffusers folder or .safetensors file.") from None
+        raise ModelLoadError(f"could not load model {spec!r}: {reason}; pass a Stable Diffusion diffusers folder, "
+                             f"hub id or single-file checkpoint.") from None
+
+
+def model_info(pipe, name: str) -> ModelInfo:
+    cross_dim = pipe.unet.config.cross_attention_dim
+    arch = "sd2" if cross_dim == 1024 else "sd1"
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return ModelInfo(name=name, arch=arch, prediction_type=pipe.scheduler.config.prediction_type,
+                     resolution=int(resolution))
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """A Stable-Diffusion-shaped pipeline small enough for CPU tests (64x64 images, 8x8 latents), with random
+    weights fixed by `seed`. Built entirely from configs: no download."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_byte_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 32, 32), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+        sample_size=64)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   image_encoder=None, requires_safety_checker=False)
+
+
+def build_byte_tokenizer(model_max_length: int = 77):
+    """A CLIP tokenizer over byte-level characters only (no merges): every word splits into characters, so it
+    needs no vocabulary file from a hub, yet tokenises any text deterministically."""
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab = {}
+    for token in chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]:
+        vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def _bytes_to_unicode() -> list[str]:
+    # The GPT-2/CLIP byte-to-printable-character table.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+def add_lora(unet, rank: int, alpha: float, targets: Sequence[str]) -> int:
+    """Wrap the target modules of `unet` in a trainable PEFT LoRA (kohya init: kaiming A, zero B, so the model
+    starts exactly at the base). LoRA parameters are fp32 whatever the base dtype. Returns the module count."""
+    from peft import LoraConfig
+
+    from .errors import ConfigError
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+    try:
+        unet.add_adapter(config)
+    except ValueError as exc:
+        raise ConfigError(f"lora_targets {list(targets)} match no module of this UNet ({exc}); use names such as "
+                          f"to_q, to_k, to_v, to_out.0.") from None
+    for param in lora_parameters(unet):
+        param.data = param.data.float()
+    return len(lora_modules(unet))
+
+
+def lora_parameters(unet) -> list[torch.nn.Parameter]:
+    return [p for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def lora_modules(unet) -> list[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return [name for name, module in unet.named_modules() if isinstance(module, LoraLayer)]
+
+
+@contextlib.contextmanager
+def lora_disabled(unet) -> Iterator[None]:
+    """The frozen reference model: the same UNet with every adapter switched off."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()

@@ -1,0 +1,86 @@
+"""Pictures for people: captioned image grids and reward curves, drawn with PIL alone (no plotting library)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def image_grid(rows: Sequence[Sequence[Image.Image]], captions: Sequence[Sequence[str]] | None = None,
+               row_titles: Sequence[str] | None = None, cell: int = 128) -> Image.Image:
+    """Rows of images, each scaled to `cell` pixels, with an optional caption under each and a title per row."""
+    font = _font()
+    caption_h = 14 if captions else 0
+    title_h = 16 if row_titles else 0
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * (cell + 4) + 4, len(rows) * (cell + caption_h + title_h + 4) + 4), "white")
+    draw = ImageDraw.Draw(grid)
+    y = 4
+    for r, row in enumerate(rows):
+        if row_titles:
+            draw.text((4, y), row_titles[r][:120], fill="black", font=font)
+            y += title_h
+        for c, image in enumerate(row):
+            x = 4 + c * (cell + 4)
+            grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
+            if captions:
+                draw.text((x, y + cell + 1), captions[r][c][:24], fill="black", font=font)
+        y += cell + caption_h + 4
+    return grid
+
+
+def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, x_label: str = "epoch",
+              bands: dict[str, Sequence[float]] | None = None, size: tuple[int, int] = (640, 360)) -> Image.Image:
+    """Lines {name: (xs, ys)} on shared axes, with optional +-band {name: half-widths}, a legend and tick labels."""
+    width, height = size
+    left, right, top, bottom = 64, 16, 28, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = _font()
+    draw.text((left, 8), title, fill="black", font=font)
+    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys)]
+    if bands:
+        for name, half in bands.items():
+            xs, ys = series[name]
+            points += [(x, y + h) for x, y, h in zip(xs, ys, half)] + [(x, y - h) for x, y, h in zip(xs, ys, half)]
+    if not points:
+        draw.text((left, height // 2), "no data yet", fill="gray", font=font)
+        return image
+    x_min, x_max = min(p[0] for p in points), max(p[0] for p in points)
+    y_min, y_max = min(p[1] for p in points), max(p[1] for p in points)
+    x_max, y_max = (x_max if x_max > x_min else x_min + 1), (y_max if y_max > y_min else y_min + 1e-6)
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x_min) / (x_max - x_min) * (width - left - right),
+                height - bottom - (y - y_min) / (y_max - y_min) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(5):
+        y = y_min + (y_max - y_min) * i / 4
+        _, py = to_px(x_min, y)
+        draw.line([left - 4, py, left, py], fill="black")
+        draw.text((4, py - 6), f"{y:.4g}", fill="black", font=font)
+        x = x_min + (x_max - x_min) * i / 4
+        px, _ = to_px(x, y_min)
+        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
+        draw.text((px - 8, height - bottom + 6), f"{x:.3g}", fill="black", font=font)
+    draw.text((width // 2 - 16, height - 14), x_label, fill="black", font=font)
+    for k, (name, (xs, ys)) in enumerate(series.items()):
+        colour = _COLOURS[k % len(_COLOURS)]
+        if bands and name in bands:
+            for x, y, h in zip(xs, ys, bands[name]):
+                draw.line([to_px(x, y - h), to_px(x, y + h)], fill=colour)
+        pixels = [to_px(x, y) for x, y in zip(xs, ys)]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        for px, py in pixels:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+        draw.text((width - right - 200, top + 4 + 12 * k), f"- {name}", fill=colour, font=font)
+    return image

@@ -1,0 +1,71 @@
+"""Prompt sources and the per-epoch prompt draw."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import PromptError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_prompt_sets() -> list[str]:
+    folder = resources.files(__package__) / "prompt_sets"
+    return sorted(p.name[: -len(".txt")] for p in folder.iterdir() if p.name.endswith(".txt"))
+
+
+def load_prompts(source: str | Sequence[str]) -> list[str]:
+    """Prompts from a builtin set (`builtin:NAME`), a .txt file (one per line, `#` comments), a .json list,
+    or an in-memory list. Raises PromptError for missing, empty or malformed sources."""
+    if not isinstance(source, str):
+        return _checked([str(p).strip() for p in source if str(p).strip()], "the prompt list")
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        path = resources.files(__package__) / "prompt_sets" / f"{name}.txt"
+        if not path.is_file():
+            raise PromptError(f"unknown builtin prompt set {name!r}; choose one of "
+                              f"{', '.join(BUILTIN_PREFIX + n for n in builtin_prompt_sets())}.")
+        return _checked(_parse_lines(path.read_text(encoding="utf-8")), source)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise PromptError(f"prompt file {source} does not exist; pass a .txt file with one prompt per line, a "
+                          f".json list, or builtin:animals.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PromptError(f"prompt file {source} is not UTF-8 text; save it as UTF-8 with one prompt per line.") \
+            from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PromptError(f"prompt file {source} is not valid JSON ({exc}); it must be a list of strings.") \
+                from None
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+            raise PromptError(f"prompt file {source} must hold a JSON list of strings.")
+        return _checked([p.strip() for p in data if p.strip()], source)
+    return _checked(_parse_lines(text), source)
+
+
+def _parse_lines(text: str) -> list[str]:
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _checked(prompts: list[str], source: str) -> list[str]:
+    if not prompts:
+        raise PromptError(f"{source} holds no prompts; add at least one non-empty, non-comment line.")
+    return prompts
+
+
+def draw_prompts(prompts: Sequence[str], count: int, seed: int, epoch: int) -> list[str]:
+    """The epoch's prompts: a uniform draw, without repeats when the set is large enough, reproducible from
+    (seed, epoch) alone so that a resumed run draws exactly what an uninterrupted one would."""
+    rng = np.random.default_rng([seed, epoch])
+    index = rng.choice(len(prompts), size=count, replace=len(prompts) < count)
+    return [prompts[i] for i in index]

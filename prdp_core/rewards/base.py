@@ -1,0 +1,124 @@
+"""The black-box reward interface, its registry, and weighted mixes.
+
+A reward is anything that maps images and their prompts to one finite number per image; no gradient is needed.
+Model-based rewards load their weights on first use (`load`), so naming a reward costs nothing until it scores.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import RewardError
+
+_REGISTRY: dict[str, Callable[..., "Reward"]] = {}
+
+
+class Reward:
+    """Base class: subclasses set `name` and implement `score_batch`; heavy ones also override `load`."""
+
+    name: str = "reward"
+    batch_size: int = 32
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self._loaded = False
+
+    def load(self) -> None:
+        """Load weights; called once, before the first batch."""
+
+    def score_batch(self, images: list, prompts: list[str]) -> Sequence[float] | torch.Tensor | np.ndarray:
+        raise NotImplementedError
+
+    def score(self, images: list, prompts: Sequence[str]) -> torch.Tensor:
+        """Scores [n] (fp32, CPU) for PIL images and their prompts, batched; raises RewardError when the scorer
+        fails or returns the wrong count or non-finite values."""
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if not self._loaded:
+            try:
+                self.load()
+            except RewardError:
+                raise
+            except Exception as exc:  # a scorer's own failure: name the reward, keep the cause
+                raise RewardError(f"reward {self.name!r} failed to load: {type(exc).__name__}: {exc}.") from exc
+            self._loaded = True
+        scores = []
+        for start in range(0, len(images), self.batch_size):
+            batch_images, batch_prompts = images[start:start + self.batch_size], list(prompts[start:start + self.batch_size])
+            try:
+                out = self.score_batch(batch_images, batch_prompts)
+            except RewardError:
+                raise
+            except Exception as exc:
+                raise RewardError(f"reward {self.name!r} failed while scoring: {type(exc).__name__}: {exc}.") from exc
+            scores.append(_as_scores(out, len(batch_images), self.name))
+        return torch.cat(scores)
+
+
+def _as_scores(out, expected: int, name: str) -> torch.Tensor:
+    try:
+        values = torch.as_tensor(np.asarray(out.detach().cpu() if isinstance(out, torch.Tensor) else out,
+                                            dtype=np.float64)).float().flatten()
+    except (TypeError, ValueError):
+        raise RewardError(f"reward {name!r} returned {type(out).__name__}, not numbers; it must return one float per "
+                          f"image.") from None
+    if values.numel() != expected:
+        raise RewardError(f"reward {name!r} returned {values.numel()} scores for {expected} images; it must return "
+                          f"exactly one per image.")
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise RewardError(f"reward {name!r} returned {bad} non-finite score(s) (NaN or inf); fix the scorer or drop it "
+                          f"from the mix.")
+    return values
+
+
+def register_reward(name: str):
+    """Decorator: make a Reward subclass (or factory) available under `name`."""
+    def wrap(factory):
+        _REGISTRY[name] = factory
+        return factory
+    return wrap
+
+
+def reward_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_reward(name: str, device: str | torch.device = "cpu") -> Reward:
+    """A reward by registered name, or a custom scorer given as `module:function` or `path/to/file.py:function`."""
+    if name in _REGISTRY:
+        return _REGISTRY[name](device=device)
+    if ":" in name:
+        from .custom import CallableReward
+        return CallableReward.from_spec(name, device=device)
+    close = difflib.get_close_matches(name, reward_names(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise RewardError(f"unknown reward {name!r}; {hint}choose from {', '.join(reward_names())}, or give a custom "
+                      f"scorer as module:function.")
+
+
+class RewardMix:
+    """A weighted sum of rewards; keeps every component's raw scores for logging."""
+
+    def __init__(self, weights: dict[str, float], device: str | torch.device = "cpu"):
+        if not weights:
+            raise RewardError("the reward mix is empty; name at least one reward.")
+        self.weights = dict(weights)
+        self.rewards = {name: create_reward(name, device=device) for name in weights}
+
+    def score(self, images: list, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        components = {name: reward.score(images, prompts) for name, reward in self.rewards.items()}
+        total = sum(self.weights[name] * scores for name, scores in components.items())
+        return total, components
+
+    def describe(self) -> str:
+        return " + ".join(f"{_fmt(w)}*{name}" for name, w in self.weights.items())
+
+
+def _fmt(weight: float) -> str:
+    return f"{weight:g}" if math.isfinite(weight) else str(weight)

@@ -1,0 +1,448 @@
+"""The online loop of PRDP (Algorithm 1) and of the DDPO baseline, with exact, memory-lean gradients.
+
+Per epoch: draw N prompts; sample B trajectories each from the current weights (= theta_old), storing latents and
+log pi_old; decode and score with the reward mix; for PRDP, recompute every transition's log-prob under the frozen
+reference (LoRA disabled); then K AdamW updates on the objective.
+
+The gradient. The objective L depends on the weights only through the log-probs lp[n, i, t] of the stored
+transitions, so  dL/dtheta = sum_{n,i,t} c[n,i,t] * d lp[n,i,t]/dtheta  with  c = dL/dlp  evaluated at the current
+log-probs. We (1) get the current lp without gradient (free on the first update: theta = theta_old, so lp equals
+the stored log pi_old), (2) get c by autograd through the objective on that small [N, B, T] tensor, then (3) for
+each chunk (<= batch_size images of one prompt) and step, recompute lp with gradient and back-propagate
+sum(c * lp). Peak memory is one UNet micro-batch whatever B and T are, and chunks whose coefficients are all zero
+(clipped steps, all-tied prompts) are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import checkpoints
+from .config import TrainConfig
+from .errors import ConfigError, PrdpError
+from .events import (CheckpointWritten, EpochEnd, EpochSampled, Evaluated, Event, Failed, Finished, Progress,
+                     RunStarted, StepMetrics)
+from .export import LoraWeights, export_lora
+from .files import atomic_write_text
+from .models import add_lora, load_pipeline, lora_disabled, lora_parameters, model_info, resolve_device
+from .objectives import EpochBatch, make_objective
+from .plots import image_grid, line_plot
+from .prompts import draw_prompts, load_prompts
+from .rewards import RewardMix
+from .sampling import Sampler, Trajectories, chunk_generator, to_pil
+from .stat_tracking import PerPromptStatTracker
+
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+_EVAL_KEY = 1_000_003  # separates evaluation noise from every training epoch's noise
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class Trainer:
+    """`Trainer(config, on_event).run(stop_event)` trains, checkpoints every epoch, evaluates before and after,
+    and exports the kohya LoRA. `Trainer.resume(run_dir)` continues a stopped run where it stopped."""
+
+    def __init__(self, config: TrainConfig, on_event: Callable[[Event], None] | None = None,
+                 resume_dir: str | Path | None = None):
+        self.config = config.validate()
+        self.on_event = on_event or (lambda event: None)
+        self.resume_dir = Path(resume_dir) if resume_dir else None
+        # Cheap checks first, so bad prompts or reward names fail before a model is loaded.
+        self.train_prompts = load_prompts(config.prompts)
+        seen = self.train_prompts[: config.eval_max_prompts or None]
+        self.eval_sets = {"seen": seen}
+        if config.eval_prompts:
+            self.eval_sets["unseen"] = load_prompts(config.eval_prompts)[: config.eval_max_prompts or None]
+        self.device = resolve_device(config.device)
+        self.reward_mix = RewardMix(config.rewards, device=self.device)
+        self.objective = make_objective(config)
+        self.tracker = PerPromptStatTracker() if self.objective.needs_advantages else None
+        self.run_dir: Path | None = None
+        self.epoch = 0
+        self._stop: threading.Event | None = None
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, on_event=None, epochs: int | None = None) -> "Trainer":
+        """A trainer that continues `run_dir` with its saved config (optionally extended to `epochs`)."""
+        run_dir = Path(run_dir)
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG_FILE}); pass a folder written by prdp train.")
+        config = TrainConfig.load(run_dir / CONFIG_FILE)
+        if epochs is not None:
+            config.epochs = epochs
+        return cls(config, on_event, resume_dir=run_dir)
+
+    # ------------------------------------------------------------------------------------------ the run
+    def run(self, stop_event: threading.Event | None = None) -> Path | None:
+        """Train to the end (or until `stop_event` is set); returns the exported LoRA's path."""
+        self._stop = stop_event
+        try:
+            return self._run()
+        except _Cancelled:
+            lora = self._export(checkpoints.latest_checkpoint(self.run_dir))
+            self._emit(Finished(self.run_dir, lora, {"stopped_after_epoch": self.epoch}, cancelled=True))
+            return lora
+        except PrdpError as exc:
+            self._emit(Failed(str(exc), self.run_dir))
+            raise
+        except torch.cuda.OutOfMemoryError:
+            message = (f"out of GPU memory; lower batch_size (now {self.config.batch_size}) or the resolution, then "
+                       f"resume{' with --resume ' + str(self.run_dir) if self.run_dir else ''}.")
+            self._emit(Failed(message, self.run_dir))
+            raise PrdpError(message) from None
+        except Exception as exc:
+            log = self._log_traceback()
+            message = f"unexpected {type(exc).__name__}: {exc}" + (f" (traceback in {log})" if log else "")
+            self._emit(Failed(message, self.run_dir))
+            raise
+
+    def _run(self) -> Path:
+        config = self.config
+        started = time.perf_counter()
+        self._setup()
+        self._emit(RunStarted(self.run_dir, config, self.epoch, len(self.lora_modules)))
+        if "eval_before" not in self.state:
+            self._checkpoint()  # resumable from the very start
+            with lora_disabled(self.unet):
+                self.state["eval_before"], self.before_images = self._evaluate("before")
+            self._checkpoint()
+        while self.epoch < config.epochs:
+            metrics = self._train_epoch(self.epoch)
+            self.epoch += 1
+            if config.eval_every and self.epoch % config.eval_every == 0 and self.epoch < config.epochs:
+                metrics["eval"], _ = self._evaluate(f"epoch-{self.epoch}")
+            self._append_metrics(metrics)
+            self._emit(EpochEnd(self.epoch, metrics))
+            self.state["elapsed_s"] = self.state.get("elapsed_s", 0.0) + time.perf_counter() - started
+            started = time.perf_counter()
+            self._checkpoint()
+        after, after_images = self._evaluate("after")
+        self._write_before_after(after_images)
+        self.state["finished_at"] = time.time()
+        lora = self._export(checkpoints.latest_checkpoint(self.run_dir))
+        summary = self._write_summary(after, lora, time.perf_counter() - started)
+        self._emit(Finished(self.run_dir, lora, summary))
+        return lora
+
+    def _setup(self) -> None:
+        config = self.config
+        self.run_dir = self.resume_dir or _new_run_dir(config)
+        checkpoint = checkpoints.latest_checkpoint(self.run_dir) if self.resume_dir else None
+        if self.resume_dir and checkpoint is None:
+            raise ConfigError(f"{self.run_dir} has no checkpoint to resume from; start a new run instead.")
+        config.save(self.run_dir / CONFIG_FILE)
+        (self.run_dir / "previews").mkdir(exist_ok=True)
+
+        self.pipe = load_pipeline(config.model, config.precision, self.device)
+        self.unet = self.pipe.unet
+        self.model_info = model_info(self.pipe, config.model)
+        torch.manual_seed(config.seed)  # the LoRA's random init (overwritten when resuming)
+        add_lora(self.unet, config.lora_rank, config.lora_alpha, config.lora_targets)
+        self.lora_modules = [n for n, m in self.unet.named_modules() if hasattr(m, "lora_A")]
+        self.params = lora_parameters(self.unet)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1,
+                                           config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.sampler = Sampler(self.pipe, config.num_steps, config.guidance_scale, config.eta,
+                               config.negative_prompt, config.resolution)
+        self.epoch, self.state, self.before_images = 0, {"started_at": time.time()}, None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    def _restore(self, checkpoint: Path) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        weights, optimizer_state, state = checkpoints.load_checkpoint(checkpoint)
+        set_peft_model_state_dict(self.unet, {k: v.to(self.device) for k, v in weights.state_dict.items()})
+        self.optimizer.load_state_dict(optimizer_state)
+        self.epoch, self.state = state["epoch"], state
+        if self.tracker is not None:
+            self.tracker.load_state_dict(state.get("tracker", {}))
+        metrics = self.run_dir / METRICS_FILE
+        if metrics.is_file():  # drop epochs after the checkpoint: they are about to be redone
+            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["epoch"] <= self.epoch]
+            atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------------------------------ one epoch
+    def _train_epoch(self, epoch: int) -> dict:
+        config, sampler = self.config, self.sampler
+        unet_before = sampler.clock.seconds
+        timings = {}
+        tick = time.perf_counter()
+        prompts = draw_prompts(self.train_prompts, config.prompts_per_epoch, config.seed, epoch)
+        traj, images, timings["decode"] = self._sample(prompts, config.images_per_prompt, (config.seed, epoch),
+                                                       epoch, "sampling", keep_trajectory=True)
+        timings["sampling"] = time.perf_counter() - tick - timings["decode"]
+
+        tick = time.perf_counter()
+        per_image_prompts = [p for p in prompts for _ in range(config.images_per_prompt)]
+        total, components = self.reward_mix.score(images, per_image_prompts)
+        rewards = total.view(len(prompts), config.images_per_prompt)
+        timings["reward"] = time.perf_counter() - tick
+        self._emit_samples(epoch, prompts, images, total, components)
+
+        tick = time.perf_counter()
+        log_probs_ref = None
+        if self.objective.needs_reference:
+            with lora_disabled(self.unet):
+                log_probs_ref = sampler.all_log_probs(traj, self._progress(epoch, "reference", traj))
+        timings["reference"] = time.perf_counter() - tick
+
+        tick = time.perf_counter()
+        advantages = None
+        if self.tracker is not None:
+            advantages = torch.as_tensor(self.tracker.update(prompts, rewards.numpy()), dtype=torch.float32)
+            advantages = advantages.to(traj.log_probs.device)
+        batch = EpochBatch(traj.log_probs, rewards.to(traj.log_probs.device), log_probs_ref, advantages)
+        updates = []
+        for k in range(config.updates_per_epoch):
+            # theta = theta_old on the first update, where recomputing would reproduce the stored log-probs.
+            current = traj.log_probs if k == 0 else sampler.all_log_probs(traj, self._progress(epoch, "optimization", traj))
+            loss, grad_norm, stats = self._update(traj, batch, current)
+            step = epoch * config.updates_per_epoch + k + 1
+            updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
+            self._emit(StepMetrics(epoch, k, step, loss, grad_norm, stats))
+        timings["optimization"] = time.perf_counter() - tick
+        timings["unet"] = sampler.clock.seconds - unet_before
+        timings["total"] = sum(timings[k] for k in ("sampling", "decode", "reward", "reference", "optimization"))
+
+        metrics = {
+            "epoch": epoch + 1,
+            "global_step": (epoch + 1) * config.updates_per_epoch,
+            "reward_mean": total.mean().item(),
+            "reward_std": total.std().item(),
+            "rewards": {name: {"mean": s.mean().item(), "std": s.std().item()} for name, s in components.items()},
+            "loss": float(np.mean([u["loss"] for u in updates])),
+            "loss_first": updates[0]["loss"],
+            "loss_last": updates[-1]["loss"],
+            "grad_norm": updates[-1]["grad_norm"],
+            "clip_fraction": float(np.mean([u["clip_fraction"] for u in updates])),
+            "kl_old_last": updates[-1]["kl_old"],
+            "timings": timings,
+        }
+        for key in ("implicit_reward_mean", "implicit_reward_std", "implicit_reward_abs_max", "valid_pairs"):
+            if key in updates[-1]:
+                metrics[key] = updates[-1][key]
+        return metrics
+
+    def _update(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor) -> tuple[float, float, dict]:
+        """One exact gradient step of the objective (see the module docstring)."""
+        log_probs = current.detach().clone().requires_grad_(True)
+        loss = self.objective.loss(log_probs, batch)
+        (coefficients,) = torch.autograd.grad(loss, log_probs)
+        stats = self.objective.stats(current, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        done, total = 0, sum(1 for _ in traj.chunks())
+        for n, images in traj.chunks():
+            self._check_stop()
+            for step in range(traj.shape[2]):
+                coef = coefficients[n, images, step]
+                if not coef.any():
+                    continue
+                chunk_log_probs = self.sampler.chunk_log_probs(traj, n, images, step)
+                tick = time.perf_counter()
+                (coef * chunk_log_probs).sum().backward()
+                self.sampler.clock.add(time.perf_counter() - tick)
+            done += 1
+            self._emit(Progress(self.epoch, "optimization", done, total))
+        for param in self.params:  # a skipped chunk may leave a parameter without gradient
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        max_norm = self.config.max_grad_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+        self.optimizer.step()
+        return loss.item(), grad_norm, stats
+
+    # ------------------------------------------------------------------------------------------ sampling, eval
+    def _sample(self, prompts: list[str], count: int, key: tuple, epoch: int, phase: str,
+                keep_trajectory: bool = False) -> tuple[Trajectories | None, list, float]:
+        """Sample `count` images per prompt in chunks of batch_size, each chunk's noise from (key, prompt, chunk).
+        Returns the trajectories (if kept), the decoded PIL images (prompt-major) and the decode seconds."""
+        sampler, size = self.sampler, self.config.batch_size
+        embeds, negative = sampler.encode_prompts(prompts)
+        chunks = [(n, start) for n in range(len(prompts)) for start in range(0, count, size)]
+        latents, log_probs, images, decode_s = [], [], [], 0.0
+        for done, (n, start) in enumerate(chunks, 1):
+            self._check_stop()
+            chunk = min(size, count - start)
+            chunk_latents, chunk_log_probs = sampler.sample_chunk(
+                embeds[n:n + 1], negative, chunk, chunk_generator(*key, n, start // size))
+            tick = time.perf_counter()
+            images += to_pil(sampler.decode(chunk_latents[:, -1]))
+            decode_s += time.perf_counter() - tick
+            if keep_trajectory:
+                latents.append(chunk_latents)
+                log_probs.append(chunk_log_probs)
+            self._emit(Progress(epoch, phase, done, len(chunks)))
+        if not keep_trajectory:
+            return None, images, decode_s
+        n_prompts = len(prompts)
+        traj = Trajectories(
+            prompts=list(prompts), prompt_embeds=embeds, negative_embeds=negative, timesteps=sampler.timesteps,
+            latents=torch.cat(latents).view(n_prompts, count, *latents[0].shape[1:]),
+            log_probs=torch.cat(log_probs).view(n_prompts, count, -1), batch_size=size)
+        return traj, images, decode_s
+
+    def _evaluate(self, label: str) -> tuple[dict, dict[str, list]]:
+        """Mean reward (with its standard error) of every eval set, on seeds fixed for the whole run."""
+        results, images_by_set = {}, {}
+        count = self.config.eval_images_per_prompt
+        for index, (name, prompts) in enumerate(self.eval_sets.items()):
+            _, images, _ = self._sample(prompts, count, (self.config.seed, _EVAL_KEY, index), self.epoch,
+                                        f"eval {name}")
+            total, components = self.reward_mix.score(images, [p for p in prompts for _ in range(count)])
+            results[name] = {"mean": total.mean().item(), "se": _standard_error(total), "n": total.numel(),
+                             "components": {c: {"mean": s.mean().item(), "se": _standard_error(s)}
+                                            for c, s in components.items()}}
+            images_by_set[name] = images
+        self._emit(Evaluated(self.epoch, label, results))
+        return results, images_by_set
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def _emit(self, event: Event) -> None:
+        self.on_event(event)
+
+    def _progress(self, epoch: int, phase: str, traj: Trajectories):
+        total = sum(1 for _ in traj.chunks())
+        counter = iter(range(1, total + 1))
+
+        def on_chunk():
+            self._check_stop()
+            self._emit(Progress(epoch, phase, next(counter), total))
+        return on_chunk
+
+    def _check_stop(self) -> None:
+        if self._stop is not None and self._stop.is_set():
+            raise _Cancelled()
+
+    def _emit_samples(self, epoch, prompts, images, total, components) -> None:
+        per_prompt = self.config.images_per_prompt
+        shown = min(2, len(prompts)) * per_prompt
+        self._emit(EpochSampled(epoch, [p for p in prompts for _ in range(per_prompt)][:shown], images[:shown],
+                                total[:shown].tolist(), total.mean().item(),
+                                {name: s.mean().item() for name, s in components.items()}))
+        rows = [images[r * per_prompt:(r + 1) * per_prompt] for r in range(shown // per_prompt)]
+        captions = [[f"{v:.4g}" for v in total[r * per_prompt:(r + 1) * per_prompt].tolist()] for r in range(len(rows))]
+        grid = image_grid(rows, captions, [f"epoch {epoch + 1}: {p}" for p in prompts[:len(rows)]])
+        grid.save(self.run_dir / "previews" / f"epoch-{epoch + 1:04d}.png")
+
+    def _append_metrics(self, metrics: dict) -> None:
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self._plot_curves()
+
+    def _plot_curves(self) -> None:
+        lines = [json.loads(line) for line in (self.run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+                 if line.strip()]
+        epochs = [m["epoch"] for m in lines]
+        series = {"reward (training samples)": (epochs, [m["reward_mean"] for m in lines])}
+        bands = {"reward (training samples)": [m["reward_std"] for m in lines]}
+        if len(self.config.rewards) > 1:
+            for name in self.config.rewards:
+                series[name] = (epochs, [m["rewards"][name]["mean"] for m in lines])
+        line_plot(series, f"reward per epoch: {self.reward_mix.describe()}", bands=bands).save(
+            self.run_dir / "reward_curve.png")
+
+    def _checkpoint(self) -> None:
+        self.state["epoch"] = self.epoch
+        if self.tracker is not None:
+            self.state["tracker"] = self.tracker.state_dict()
+        path = checkpoints.save_checkpoint(self.run_dir, self.epoch, self._weights(), self.optimizer.state_dict(),
+                                           self.state, self.config.keep_checkpoints)
+        self._emit(CheckpointWritten(self.epoch, path))
+
+    def _weights(self) -> LoraWeights:
+        config = self.config
+        training = {
+            "prdp_started_at": str(self.state.get("started_at", time.time())),
+            "prdp_finished_at": str(self.state.get("finished_at", time.time())),
+            "prdp_epoch": str(self.epoch),
+            "prdp_epochs": str(config.epochs),
+            "prdp_steps": str(self.epoch * config.updates_per_epoch),
+            "prdp_learning_rate": repr(config.learning_rate),
+            "prdp_seed": str(config.seed),
+            "prdp_objective": config.objective,
+            "prdp_reward_mix": self.reward_mix.describe(),
+            "prdp_config": json.dumps(config.to_dict()),
+        }
+        return LoraWeights.from_unet(self.unet, self.model_info, training)
+
+    def _export(self, checkpoint: Path | None) -> Path | None:
+        if checkpoint is None:
+            return None
+        name = self.config.lora_name or f"prdp_{self.run_dir.name}"
+        return export_lora(checkpoint / "adapter.safetensors", self.run_dir / f"{name}.safetensors")
+
+    def _write_before_after(self, after_images: dict[str, list]) -> None:
+        before_images = self.before_images
+        if before_images is None:  # resumed run: the base model's eval images are recomputed, same seeds
+            with lora_disabled(self.unet):
+                _, before_images = self._evaluate("before (recomputed)")
+        count = self.config.eval_images_per_prompt
+        rows, titles = [], []
+        for name, prompts in self.eval_sets.items():
+            for j, prompt in enumerate(prompts[:4]):
+                for label, images in (("before", before_images[name]), ("after", after_images[name])):
+                    rows.append(images[j * count:(j + 1) * count])
+                    titles.append(f"{label} | {name}: {prompt}")
+        image_grid(rows, row_titles=titles).save(self.run_dir / "previews" / "before_after.png")
+
+    def _write_summary(self, after: dict, lora: Path, seconds: float) -> dict:
+        before = self.state["eval_before"]
+        summary = {
+            "eval": {name: {"before": before[name], "after": after[name]} for name in after},
+            "wall_time_s": self.state.get("elapsed_s", 0.0) + seconds,
+            "epochs": self.epoch,
+            "lora": str(lora),
+            "reward_mix": self.reward_mix.describe(),
+            "model": self.config.model,
+            "config": self.config.to_dict(),
+        }
+        atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+        return summary
+
+    def _log_traceback(self) -> Path | None:
+        if self.run_dir is None:
+            return None
+        log = self.run_dir / "error.log"
+        try:
+            log.write_text(traceback.format_exc(), encoding="utf-8")
+        except OSError:
+            return None
+        return log
+
+
+def _standard_error(values: torch.Tensor) -> float:
+    return values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else 0.0
+
+
+def _new_run_dir(config: TrainConfig) -> Path:
+    root = Path(config.output_dir).expanduser()
+    name = config.run_name or time.strftime("%Y%m%d-%H%M%S")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        run_dir = root / name
+        if config.run_name and run_dir.exists():
+            raise ConfigError(f"run folder {run_dir} already exists; choose another --run-name, or continue it with "
+                              f"--resume {run_dir}.")
+        suffix = 1
+        while run_dir.exists():  # two timestamped runs started in the same second
+            run_dir, suffix = root / f"{name}-{suffix}", suffix + 1
+        run_dir.mkdir()
+    except OSError as exc:
+        raise ConfigError(f"output folder {root} is not writable ({exc.strerror or exc}); choose another with --out.") \
+            from None
+    return run_dir
