@@ -139,14 +139,13 @@ class Trainer:
 
     def _setup(self) -> None:
         config = self.config
-        self.run_dir = self.resume_dir or _new_run_dir(config)
-        checkpoint = checkpoints.latest_checkpoint(self.run_dir) if self.resume_dir else None
+        checkpoint = checkpoints.latest_checkpoint(self.resume_dir) if self.resume_dir else None
         if self.resume_dir and checkpoint is None:
-            raise ConfigError(f"{self.run_dir} has no checkpoint to resume from; start a new run instead.")
+            raise ConfigError(f"{self.resume_dir} has no checkpoint to resume from; start a new run instead.")
+        self.pipe = load_pipeline(config.model, config.precision, self.device)  # before any folder is made
+        self.run_dir = self.resume_dir or _new_run_dir(config)
         config.save(self.run_dir / CONFIG_FILE)
         (self.run_dir / "previews").mkdir(exist_ok=True)
-
-        self.pipe = load_pipeline(config.model, config.precision, self.device)
         self.unet = self.pipe.unet
         self.model_info = model_info(self.pipe, config.model)
         torch.manual_seed(config.seed)  # the LoRA's random init (overwritten when resuming)
@@ -239,12 +238,24 @@ class Trainer:
         return metrics
 
     def _update(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor) -> tuple[float, float, dict]:
-        """One exact gradient step of the objective (see the module docstring)."""
+        """One AdamW step on the exact gradient of the objective at the current weights."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, stats = self._accumulate_gradient(traj, batch, current)
+        for param in self.params:  # a skipped chunk may leave a parameter without gradient
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        max_norm = self.config.max_grad_norm or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+        self.optimizer.step()
+        return loss, grad_norm, stats
+
+    def _accumulate_gradient(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor) -> tuple[float, dict]:
+        """Add dL/dtheta to the LoRA parameters' .grad, one UNet micro-batch at a time (see the module docstring).
+        `current` holds the log-probs of every stored transition under the current weights."""
         log_probs = current.detach().clone().requires_grad_(True)
         loss = self.objective.loss(log_probs, batch)
         (coefficients,) = torch.autograd.grad(loss, log_probs)
         stats = self.objective.stats(current, batch)
-        self.optimizer.zero_grad(set_to_none=True)
         done, total = 0, sum(1 for _ in traj.chunks())
         for n, images in traj.chunks():
             self._check_stop()
@@ -258,13 +269,7 @@ class Trainer:
                 self.sampler.clock.add(time.perf_counter() - tick)
             done += 1
             self._emit(Progress(self.epoch, "optimization", done, total))
-        for param in self.params:  # a skipped chunk may leave a parameter without gradient
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-        max_norm = self.config.max_grad_norm or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
-        self.optimizer.step()
-        return loss.item(), grad_norm, stats
+        return loss.item(), stats
 
     # ------------------------------------------------------------------------------------------ sampling, eval
     def _sample(self, prompts: list[str], count: int, key: tuple, epoch: int, phase: str,

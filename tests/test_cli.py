@@ -1,0 +1,130 @@
+"""The `prdp` command: config handling, the four commands, and bad input (one-line errors, nothing lost)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from prdp_core import TrainConfig
+from prdp_core.cli import build_parser, main, parse_reward_flags, resolve_train_config
+
+TINY = ["--epochs", "1", "--num-steps", "2", "--prompts-per-epoch", "1", "--images-per-prompt", "2",
+        "--updates-per-epoch", "1", "--eval-images-per-prompt", "1", "--eval-max-prompts", "1", "--quiet"]
+
+
+def _error_line(capsys):
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert "Traceback" not in captured.err + captured.out
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    out = tmp_path / "runs"
+    (out / "earlier-run").mkdir(parents=True)
+    (out / "earlier-run" / "my.safetensors").write_bytes(b"a LoRA someone trained")
+    return out
+
+
+@pytest.mark.parametrize("case", ["empty_prompts", "unknown_reward", "missing_model", "bad_config_key", "bad_weight"])
+def test_bad_input_is_one_line_error_and_loses_nothing(case, tmp_path, out_dir, capsys):
+    before = _snapshot(out_dir)
+    args = ["train", "--out", str(out_dir), *TINY]
+    if case == "empty_prompts":
+        (tmp_path / "prompts.txt").write_text("# only a comment\n\n")
+        args += ["--prompts", str(tmp_path / "prompts.txt")]
+        expected = "holds no prompts"
+    elif case == "unknown_reward":
+        args += ["--reward", "aesthetics_v9"]
+        expected = "unknown reward 'aesthetics_v9'"
+    elif case == "missing_model":
+        args += ["--model", str(tmp_path / "models" / "sd15.safetensors")]
+        expected = "does not exist"
+    elif case == "bad_config_key":
+        (tmp_path / "run.toml").write_text("learning_rte = 0.1\n")
+        args += ["--config", str(tmp_path / "run.toml")]
+        expected = "did you mean 'learning_rate'"
+    else:
+        args += ["--reward", "jpeg_compressibility=lots"]
+        expected = "must be a number"
+    assert main(args) == 2
+    assert expected in _error_line(capsys)
+    assert _snapshot(out_dir) == before
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("keep me")
+    assert main(["train", "--out", str(blocker / "runs"), *TINY]) == 2
+    assert "not writable" in _error_line(capsys) and blocker.read_text() == "keep me"
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = subprocess.run([sys.executable, "-m", "prdp_core.cli", "train", "--prompts", str(empty)],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.strip().startswith("error: ")
+
+
+def test_flags_override_config_file_and_round_trip(tmp_path):
+    config = TrainConfig(epochs=3, beta=0.5, rewards={"jpeg_incompressibility": 2.0}, lora_targets=["to_q", "to_v"])
+    config.save(tmp_path / "run.toml")
+    config.save(tmp_path / "run.json")
+    assert TrainConfig.load(tmp_path / "run.toml") == config == TrainConfig.load(tmp_path / "run.json")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.toml"), "--epochs", "7",
+                                      "--lora-targets", "to_k,to_out.0", "--reward", "mod.sub:fn=0.5"])
+    resolved = resolve_train_config(args)
+    assert (resolved.epochs, resolved.beta) == (7, 0.5)
+    assert resolved.lora_targets == ["to_k", "to_out.0"]
+    assert resolved.rewards == {"mod.sub:fn": 0.5}
+    assert parse_reward_flags(["a", "C:\\scorers\\x.py:f=2"]) == {"a": 1.0, "C:\\scorers\\x.py:f": 2.0}
+
+
+def test_train_export_sample_score_end_to_end(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["train", "--out", str(out), "--run-name", "demo", *TINY]) == 0
+    printed = capsys.readouterr().out
+    run = out / "demo"
+    lora = run / "prdp_demo.safetensors"
+    assert f"LoRA: {lora}" in printed
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "reward_curve.png", "previews/before_after.png",
+                 "previews/epoch-0001.png", "checkpoints/epoch-0001/adapter.safetensors"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["eval"]["seen"]) == {"before", "after"} and summary["wall_time_s"] > 0
+
+    exported = tmp_path / "demo_fp32.safetensors"
+    assert main(["export", str(run), "--out", str(exported), "--format", "diffusers", "--dtype", "fp32"]) == 0
+    with safe_open(str(exported), framework="pt") as f:
+        assert all(k.startswith("unet.") and ".lora_" in k for k in f.keys())
+        assert "lora_adapter_metadata" in f.metadata()
+
+    samples = tmp_path / "samples"
+    assert main(["sample", "--lora", str(lora), "--lora-scale", "8", "--prompt", "a fox", "--seeds", "0,1",
+                 "--steps", "2", "--out", str(samples)]) == 0
+    assert sorted(p.name for p in (samples / "lora").iterdir()) == ["p000_s0.png", "p000_s1.png"]
+    assert (samples / "comparison.png").is_file()
+    capsys.readouterr()
+
+    assert main(["score", "--reward", "jpeg_compressibility", "--images", str(samples / "base"), "--prompt", "a fox"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0] == "image,total,jpeg_compressibility" and len(rows) == 4 and rows[-1].startswith("mean,")
+    values = [float(r.split(",")[1]) for r in rows[1:3]]
+    assert float(rows[-1].split(",")[1]) == pytest.approx(sum(values) / 2, rel=1e-5)
+
+
+def test_resume_refuses_changed_settings(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--beta", "2"]) == 2
+    assert "only --epochs can change" in _error_line(capsys)

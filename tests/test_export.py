@@ -1,0 +1,138 @@
+"""Exported LoRAs against the in-memory adapter (alpha != rank, so scale bugs show), and kohya's naming."""
+
+import pathlib
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from prdp_core.config import KOHYA_UNET_TARGETS
+from prdp_core.errors import ExportError
+from prdp_core.export import LoraWeights, export_lora, kohya_name
+from prdp_core.models import add_lora, build_tiny_pipeline, lora_modules, lora_parameters, model_info
+
+PROMPT = "a painting of a wolf"
+
+
+def _adapted_pipeline(rank=4, alpha=8.0):
+    pipe = build_tiny_pipeline()
+    add_lora(pipe.unet, rank, alpha, KOHYA_UNET_TARGETS)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in lora_parameters(pipe.unet):  # as if trained: both factors non-zero, fp16-representable so
+            param.copy_((0.2 * torch.randn(param.shape, generator=g)).half().float())  # the fp16 file is exact
+    return pipe
+
+
+def _images(pipe):
+    return pipe(PROMPT, num_images_per_prompt=2, num_inference_steps=4, guidance_scale=5.0, eta=1.0,
+                generator=torch.Generator().manual_seed(3), output_type="pt").images
+
+
+@pytest.fixture(scope="module")
+def adapted():
+    pipe = _adapted_pipeline()
+    weights = LoraWeights.from_unet(pipe.unet, model_info(pipe, "builtin:tiny"), {"prdp_reward_mix": "1*jpeg"})
+    return pipe, weights, _images(pipe)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_exported_lora_reproduces_adapter_in_diffusers(adapted, tmp_path, fmt):
+    _, weights, expected = adapted
+    path = export_lora(weights, tmp_path / "wolf.safetensors", format=fmt)
+    fresh = build_tiny_pipeline()
+    base = _images(fresh)
+    fresh.load_lora_weights(str(path))
+    reloaded = _images(fresh)
+    assert (base - expected).abs().max().item() > 0.05  # the adapter changes the images: the check can fail
+    assert (reloaded - expected).abs().max().item() < 1e-3
+
+
+def test_kohya_file_layout_and_metadata(adapted, tmp_path):
+    pipe, weights, _ = adapted
+    path = export_lora(weights, tmp_path / "wolf.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = sorted(f.keys()), f.metadata()
+        tensors = {k: f.get_tensor(k) for k in keys}
+    modules = lora_modules(pipe.unet)
+    assert len(modules) == 72 and len(keys) == 3 * 72  # 6 transformer blocks x 12 modules
+    pattern = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+    assert all(pattern.match(k) for k in keys)
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight" in keys
+    assert "lora_unet_up_blocks_0_attentions_2_transformer_blocks_0_ff_net_0_proj.alpha" in keys
+    # A1111 splits every key at its first dot; ComfyUI maps lora_unet_<diffusers path with _>: both must resolve.
+    by_kohya_name = {kohya_name(name): module for name, module in pipe.unet.named_modules()}
+    for key in keys:
+        stem, _, kind = key.partition(".")
+        module = by_kohya_name[stem].base_layer
+        tensor = tensors[key]
+        if kind == "alpha":
+            assert tensor.ndim == 0 and tensor.item() == 8.0
+        elif kind == "lora_down.weight":
+            assert tensor.shape[:2] == (4, module.weight.shape[1])
+        else:
+            assert tensor.shape[:2] == (module.weight.shape[0], 4)
+        assert tensor.dtype == torch.float16
+    assert all(isinstance(v, str) for v in meta.values())
+    assert meta["ss_network_module"] == "networks.lora"
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "8")
+    assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sd_v1", "False")
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["ss_output_name"] == "wolf" and meta["modelspec.title"] == "wolf"
+    assert re.fullmatch(r"[0-9a-f]{64}", meta["sshs_model_hash"])
+    assert "jpeg" in meta["ss_training_comment"]
+
+
+def test_sd15_sized_unet_gets_kohya_module_set():
+    """On the real SD1.5 UNet config (built on the meta device: no memory, no download) the default targets are
+    kohya's 192 modules with its names."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280,
+                  1280), down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+        add_lora(unet, 4, 8.0, KOHYA_UNET_TARGETS)
+    names = {kohya_name(m) for m in lora_modules(unet)}
+    assert len(names) == 192
+    for stem in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                 "lora_unet_mid_block_attentions_0_proj_in",
+                 "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_0_proj",
+                 "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_out_0"):
+        assert stem in names
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_export_dtypes(adapted, tmp_path, dtype, torch_dtype):
+    _, weights, _ = adapted
+    path = export_lora(weights, tmp_path / "x.safetensors", dtype=dtype)
+    with safe_open(str(path), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch_dtype}
+
+
+def test_failed_export_keeps_existing_file(adapted, tmp_path, monkeypatch):
+    _, weights, _ = adapted
+    path = tmp_path / "keep.safetensors"
+    path.write_bytes(b"precious")
+    real_write = pathlib.Path.write_bytes
+
+    def disk_full(self, data):  # half a file, then the disk is full
+        real_write(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(pathlib.Path, "write_bytes", disk_full)
+    with pytest.raises(ExportError, match="No space left"):
+        export_lora(weights, path)
+    assert path.read_bytes() == b"precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
+
+
+def test_export_rejects_bad_destinations(adapted, tmp_path):
+    _, weights, _ = adapted
+    with pytest.raises(ExportError, match="does not exist"):
+        export_lora(weights, tmp_path / "missing" / "x.safetensors")
+    with pytest.raises(ExportError, match=".safetensors"):
+        export_lora(weights, tmp_path / "x.pt")

@@ -1,0 +1,80 @@
+"""The memory-lean gradient (coefficients, then chunked backward) against autograd through the whole loss."""
+
+import math
+
+import torch
+
+from prdp_core.models import lora_disabled
+from prdp_core.objectives import EpochBatch
+
+
+def _epoch(trainer, rewards):
+    traj, _, _ = trainer._sample(trainer.train_prompts[:2], 3, (0, 0), 0, "sampling", keep_trajectory=True)
+    with lora_disabled(trainer.unet):
+        log_probs_ref = trainer.sampler.all_log_probs(traj)
+    return traj, EpochBatch(traj.log_probs, rewards, log_probs_ref)
+
+
+def _grads(trainer):
+    return torch.cat([p.grad.flatten() for p in trainer.params])
+
+
+def _full_graph_log_probs(trainer, traj):
+    """Every transition's log-prob with gradient, in one graph (what the lean scheme avoids)."""
+    values = {}
+    for n, images in traj.chunks():
+        for step in range(traj.shape[2]):
+            for i, value in zip(range(images.start, images.stop), trainer.sampler.chunk_log_probs(traj, n, images, step)):
+                values[n, i, step] = value
+    n_prompts, n_images, n_steps = traj.shape
+    return torch.stack([values[index] for index in sorted(values)]).view(n_prompts, n_images, n_steps)
+
+
+def test_lean_gradient_equals_autograd_with_clipping_active(set_up_trainer):
+    trainer = set_up_trainer(learning_rate=3e-3)
+    rewards = torch.tensor([[0.3, -0.2, 0.9], [0.1, 0.4, -0.5]])
+    traj, batch = _epoch(trainer, rewards)
+    trainer._update(traj, batch, traj.log_probs)  # update 1 of K: theta moves away from theta_old
+    current = trainer.sampler.all_log_probs(traj)
+    moved = ((current - batch.log_probs_ref) - (batch.log_probs_old - batch.log_probs_ref)).abs()
+    trainer.objective.clip_range = moved.median().item()  # about half of the steps outside their clip interval
+    stats = trainer.objective.stats(current, batch)
+    assert 0.2 < stats["clip_fraction"] < 0.8
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss_lean, _ = trainer._accumulate_gradient(traj, batch, current)
+    lean = _grads(trainer)
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss = trainer.objective.loss(_full_graph_log_probs(trainer, traj), batch)
+    loss.backward()
+    reference = _grads(trainer)
+
+    assert loss.item() == loss_lean
+    assert reference.norm() > 0
+    assert ((lean - reference).norm() / reference.norm()).item() < 1e-4
+
+
+def test_gradient_at_init_is_reinforce_with_mean_centred_rewards(set_up_trainer):
+    """prdp-method.md 10.9: at theta = theta_old = ref, grad L = -(2B / C(B,2)) / N * sum_i (r_i - mean r) / beta
+    * grad mean_t log pi(x_i)  (no std normalisation, no importance weight)."""
+    beta = 0.5
+    trainer = set_up_trainer(beta=beta)
+    rewards = torch.tensor([[0.3, -0.2, 0.9], [0.1, 0.4, -0.5]])
+    traj, batch = _epoch(trainer, rewards)
+    assert torch.equal(batch.log_probs_ref, batch.log_probs_old)  # a fresh LoRA is the reference model exactly
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._accumulate_gradient(traj, batch, traj.log_probs)
+    lean = _grads(trainer)
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    n_prompts, n_images, _ = traj.shape
+    centred = (rewards - rewards.mean(dim=1, keepdim=True)) / beta
+    scale = 2 * n_images / math.comb(n_images, 2) / n_prompts
+    surrogate = -(scale * centred * _full_graph_log_probs(trainer, traj).mean(dim=-1)).sum()
+    surrogate.backward()
+    reference = _grads(trainer)
+
+    assert reference.norm() > 0
+    assert ((lean - reference).norm() / reference.norm()).item() < 1e-4

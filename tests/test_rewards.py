@@ -1,0 +1,96 @@
+"""The reward registry, mixes, JPEG scorers and custom black-box scorers."""
+
+import io
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prdp_core.errors import RewardError
+from prdp_core.rewards import Reward, RewardMix, create_reward, reward_names
+
+
+def _images():
+    flat = Image.new("RGB", (64, 64), (120, 30, 200))
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    return [flat, noise]
+
+
+def _jpeg_kb(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return len(buffer.getvalue()) / 1000
+
+
+def test_jpeg_rewards_are_file_sizes_in_kb():
+    images = _images()
+    sizes = torch.tensor([_jpeg_kb(im) for im in images])
+    incompressibility = create_reward("jpeg_incompressibility").score(images, ["", ""])
+    compressibility = create_reward("jpeg_compressibility").score(images, ["", ""])
+    assert torch.allclose(incompressibility, sizes) and torch.allclose(compressibility, -sizes)
+    assert compressibility[0] > compressibility[1] + 1.0  # a flat image compresses far better than noise
+
+
+def test_mix_is_the_weighted_sum_of_components():
+    images = _images()
+    mix = RewardMix({"jpeg_compressibility": 2.0, "jpeg_incompressibility": 0.5})
+    total, components = mix.score(images, ["", ""])
+    sizes = torch.tensor([_jpeg_kb(im) for im in images])
+    assert torch.allclose(components["jpeg_compressibility"], -sizes)
+    assert torch.allclose(total, -2.0 * sizes + 0.5 * sizes)
+    assert mix.describe() == "2*jpeg_compressibility + 0.5*jpeg_incompressibility"
+
+
+def test_custom_module_and_file_scorers(tmp_path, monkeypatch):
+    source = textwrap.dedent("""
+        def redness(images, prompts):
+            return [sum(im.getpixel((0, 0))[:1]) / 255 + len(p) for im, p in zip(images, prompts)]
+    """)
+    (tmp_path / "my_scorers.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    images = _images()
+    by_module = create_reward("my_scorers:redness").score(images, ["ab", "abc"])
+    by_file = create_reward(f"{tmp_path / 'my_scorers.py'}:redness").score(images, ["ab", "abc"])
+    expected = torch.tensor([120 / 255 + 2, images[1].getpixel((0, 0))[0] / 255 + 3])
+    assert torch.allclose(by_module, expected) and torch.allclose(by_file, expected)
+    sys.modules.pop("my_scorers", None)
+
+
+class _Fixed(Reward):
+    name = "fixed"
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def score_batch(self, images, prompts):
+        if isinstance(self.output, Exception):
+            raise self.output
+        return self.output
+
+
+@pytest.mark.parametrize("output,message", [
+    ([1.0, float("nan")], "non-finite"),
+    ([1.0, 2.0, 3.0], "returned 3 scores for 2 images"),
+    ("not numbers", "not numbers"),
+    (RuntimeError("CUDA error: device-side assert"), "failed while scoring: RuntimeError"),
+])
+def test_misbehaving_scorer_gets_a_clear_error(output, message):
+    with pytest.raises(RewardError, match=message) as info:
+        _Fixed(output).score(_images(), ["", ""])
+    assert "'fixed'" in str(info.value)
+
+
+def test_unknown_reward_names_the_closest_and_the_choices():
+    with pytest.raises(RewardError) as info:
+        create_reward("jpeg_compresibility")
+    text = str(info.value)
+    assert "did you mean 'jpeg_compressibility'" in text
+    assert all(name in text for name in reward_names())
+    with pytest.raises(RewardError, match="cannot be imported"):
+        create_reward("no_such_module_xyz:score")
+    with pytest.raises(RewardError, match="has no function"):
+        create_reward("json:no_such_function")

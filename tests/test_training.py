@@ -1,0 +1,78 @@
+"""Whole runs: events, run folder, cancellation, resume determinism, and the reward going up."""
+
+import json
+import threading
+
+import pytest
+import torch
+
+from prdp_core import TrainConfig, Trainer
+from prdp_core.checkpoints import latest_checkpoint
+from prdp_core.export import LoraWeights
+
+
+def _final_weights(run_dir):
+    return LoraWeights.load(latest_checkpoint(run_dir) / "adapter.safetensors").state_dict
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_config):
+    config = TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 3, "run_name": "straight"})
+    straight = Trainer(config)
+    straight.run()
+
+    stop, events = threading.Event(), []
+
+    def stop_after_first_epoch(event):
+        events.append(event)
+        if event.kind == "CheckpointWritten" and event.epoch == 1:
+            stop.set()
+    stopped = Trainer(TrainConfig.from_dict({**config.to_dict(), "run_name": "stopped"}), stop_after_first_epoch)
+    lora = stopped.run(stop)
+    assert events[-1].kind == "Finished" and events[-1].cancelled and lora.is_file()
+    assert latest_checkpoint(stopped.run_dir).name == "epoch-0001"
+
+    resumed_events = []
+    Trainer.resume(stopped.run_dir, resumed_events.append).run()
+    assert resumed_events[0].kind == "RunStarted" and resumed_events[0].start_epoch == 1
+    a, b = _final_weights(straight.run_dir), _final_weights(stopped.run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it trained
+    assert [m["reward_mean"] for m in _metrics(straight.run_dir)] == [m["reward_mean"] for m in _metrics(stopped.run_dir)]
+
+
+def test_events_and_metrics(tiny_config):
+    events = []
+    trainer = Trainer(TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 2, "eval_every": 1,
+                                             "eval_prompts": "builtin:animals"}), events.append)
+    trainer.run()
+    kinds = [e.kind for e in events if e.kind != "Progress"]
+    assert kinds[0] == "RunStarted" and kinds[-1] == "Finished"
+    assert kinds.count("EpochSampled") == 2 and kinds.count("StepMetrics") == 4 and kinds.count("EpochEnd") == 2
+    assert {e.label for e in events if e.kind == "Evaluated"} == {"before", "epoch-1", "after"}
+    sampled = next(e for e in events if e.kind == "EpochSampled")
+    assert len(sampled.images) == len(sampled.rewards) == 6 and sampled.images[0].size == (64, 64)
+    phases = {e.phase for e in events if e.kind == "Progress"}
+    assert {"sampling", "reference", "optimization", "eval seen", "eval unseen"} <= phases
+    metrics = _metrics(trainer.run_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    m = metrics[0]
+    assert set(m["rewards"]) == {"jpeg_compressibility"}
+    for key in ("loss", "clip_fraction", "implicit_reward_mean", "implicit_reward_std", "grad_norm", "kl_old_last"):
+        assert isinstance(m[key], float)
+    assert m["clip_fraction"] < 1.0 and 0 < m["valid_pairs"] <= 6  # 2 prompts x C(3, 2) pairs, minus ties
+    timings = m["timings"]
+    assert 0 < timings["unet"] < timings["total"]
+    assert set(timings) == {"sampling", "decode", "reward", "reference", "optimization", "unet", "total"}
+    summary = events[-1].summary
+    assert set(summary["eval"]) == {"seen", "unseen"}
+
+
+def test_ddpo_objective_trains_with_the_same_loop(tiny_config):
+    trainer = Trainer(TrainConfig.from_dict({**tiny_config.to_dict(), "objective": "ddpo", "epochs": 1}))
+    trainer.run()
+    assert "implicit_reward_mean" not in _metrics(trainer.run_dir)[0]
+    assert any(v.abs().max() > 0 for k, v in _final_weights(trainer.run_dir).items() if "lora_B" in k)
