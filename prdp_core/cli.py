@@ -246,9 +246,9 @@ class _Reporter:
                       f"continue with: prdp train --resume {event.run_dir}")
                 return
             for name, ev in event.summary["eval"].items():
-                before, after = ev["before"], ev["after"]
+                before, after, delta = ev["before"], ev["after"], ev["delta"]
                 print(f"{name} prompts: reward {before['mean']:.4g} ± {before['se']:.2g} -> {after['mean']:.4g} ± "
-                      f"{after['se']:.2g}")
+                      f"{after['se']:.2g} (change {delta['mean']:+.3g} ± {delta['se']:.2g} on the same seeds)")
             print(f"LoRA: {event.lora_path}\npreviews: {event.run_dir / 'previews'}  curve: "
                   f"{event.run_dir / 'reward_curve.png'}  ({event.summary['wall_time_s']:.0f} s)")
 

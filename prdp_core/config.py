@@ -2,8 +2,8 @@
 
 Every field carries its help text, its group and (where it has one) its list of choices in the
 dataclass metadata; the faces generate their flags and widgets from `config_fields()` instead of
-re-declaring them. Defaults run the embedded model on a CPU in minutes; the paper's settings for a
-real SD model are documented in the README.
+re-declaring them. Defaults are tuned for the embedded model (`prdp train` with no arguments runs on a CPU in
+minutes); for a real SD model start from examples/sd15_jpeg.toml (the paper's small-scale settings).
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ class TrainConfig:
     # --- the objective
     objective: str = _field("prdp", "Objective: prdp (this project) or ddpo (PPO-clip baseline).", "objective",
                             choices=("prdp", "ddpo"))
-    beta: float = _field(1.0, "PRDP KL weight: the regression target is the reward difference divided by beta; "
+    beta: float = _field(0.1, "PRDP KL weight: the regression target is the reward difference divided by beta; "
                          "smaller beta moves further from the base model.", "objective")
-    clip_range: float = _field(1e-4, "PRDP per-step clip range on the implicit reward around the epoch's "
+    clip_range: float = _field(0.1, "PRDP per-step clip range on the implicit reward around the epoch's "
                                "sampling model (prox. update); bites only when updates_per_epoch > 1.", "objective")
     step_reduction: str = _field("mean", "How per-step implicit rewards combine over the trajectory: mean (the "
                                  "paper's code) or sum (the paper's equations; divide beta by the step count).",
@@ -65,14 +65,14 @@ class TrainConfig:
     ddpo_adv_clip: float = _field(5.0, "DDPO only: advantages (per-prompt normalised rewards) are clipped to "
                                   "+-this value.", "objective")
     # --- the online loop
-    epochs: int = _field(8, "Training epochs (each samples fresh images, then updates the LoRA).", "loop")
-    prompts_per_epoch: int = _field(4, "Prompts drawn per epoch (N).", "loop")
-    images_per_prompt: int = _field(4, "Images sampled per prompt (B); pairs are formed among them.", "loop")
+    epochs: int = _field(10, "Training epochs (each samples fresh images, then updates the LoRA).", "loop")
+    prompts_per_epoch: int = _field(2, "Prompts drawn per epoch (N).", "loop")
+    images_per_prompt: int = _field(16, "Images sampled per prompt (B); pairs are formed among them.", "loop")
     updates_per_epoch: int = _field(4, "Gradient updates per epoch on the same samples (K).", "loop")
-    batch_size: int = _field(4, "Images per UNet call, in sampling and training alike; lower it to save memory "
+    batch_size: int = _field(8, "Images per UNet call, in sampling and training alike; lower it to save memory "
                              "(results do not change).", "loop")
     # --- the sampler
-    num_steps: int = _field(10, "DDIM sampling steps (T).", "sampler")
+    num_steps: int = _field(6, "DDIM sampling steps (T).", "sampler")
     guidance_scale: float = _field(5.0, "Classifier-free guidance scale, applied inside every step.", "sampler")
     eta: float = _field(1.0, "DDIM eta; must be > 0 so every step has a log-probability.", "sampler")
     negative_prompt: str = _field("", "Negative prompt used for the unconditional branch of guidance.", "sampler")
@@ -84,14 +84,14 @@ class TrainConfig:
     lora_targets: list = _field(list(KOHYA_UNET_TARGETS), "UNet module names the LoRA wraps (suffix match); the "
                                 "default is kohya's set.", "lora")
     # --- the optimiser
-    learning_rate: float = _field(3e-4, "AdamW learning rate of the LoRA parameters.", "optimizer")
+    learning_rate: float = _field(3e-3, "AdamW learning rate of the LoRA parameters.", "optimizer")
     weight_decay: float = _field(1e-4, "AdamW weight decay.", "optimizer")
     adam_beta1: float = _field(0.9, "AdamW beta1.", "optimizer")
     adam_beta2: float = _field(0.999, "AdamW beta2.", "optimizer")
     adam_eps: float = _field(1e-8, "AdamW epsilon.", "optimizer")
     max_grad_norm: float = _field(1.0, "Gradient-norm clip; 0 disables it.", "optimizer")
     # --- evaluation and outputs
-    eval_images_per_prompt: int = _field(4, "Images per evaluation prompt, on fixed seeds.", "eval")
+    eval_images_per_prompt: int = _field(8, "Images per evaluation prompt, on fixed seeds.", "eval")
     eval_max_prompts: int = _field(8, "At most this many evaluation prompts (the first ones); 0 means all.",
                                    "eval")
     eval_every: int = _field(0, "Evaluate every this many epochs (always before and after); 0 means only "

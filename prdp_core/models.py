@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -95,7 +96,9 @@ def _looks_like_path(spec: str) -> bool:
 def _wrap_load(spec: str, load):
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
-        return load()
+        with warnings.catch_warnings():  # newer diffusers rename torch_dtype; older ones (host pins) know no other
+            warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
+            return load()
     except (OSError, ValueError, EnvironmentError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if offline or "offline" in reason.lower() or "connect" in reason.lower():
@@ -124,7 +127,7 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
     vae = AutoencoderKL(
         block_out_channels=(32, 32, 32, 32), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,

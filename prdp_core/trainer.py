@@ -310,6 +310,7 @@ class Trainer:
                                         f"eval {name}")
             total, components = self.reward_mix.score(images, [p for p in prompts for _ in range(count)])
             results[name] = {"mean": total.mean().item(), "se": _standard_error(total), "n": total.numel(),
+                             "scores": total.tolist(),
                              "components": {c: {"mean": s.mean().item(), "se": _standard_error(s)}
                                             for c, s in components.items()}}
             images_by_set[name] = images
@@ -408,7 +409,8 @@ class Trainer:
     def _write_summary(self, after: dict, lora: Path, seconds: float) -> dict:
         before = self.state["eval_before"]
         summary = {
-            "eval": {name: {"before": before[name], "after": after[name]} for name in after},
+            "eval": {name: {"before": before[name], "after": after[name],
+                            "delta": _paired_delta(before[name]["scores"], after[name]["scores"])} for name in after},
             "wall_time_s": self.state.get("elapsed_s", 0.0) + seconds,
             "epochs": self.epoch,
             "lora": str(lora),
@@ -432,6 +434,12 @@ class Trainer:
 
 def _standard_error(values: torch.Tensor) -> float:
     return values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else 0.0
+
+
+def _paired_delta(before: list[float], after: list[float]) -> dict[str, float]:
+    """After minus before on the same seeds and prompts: its mean and standard error (seed noise cancels)."""
+    diff = torch.tensor(after) - torch.tensor(before)
+    return {"mean": diff.mean().item(), "se": _standard_error(diff)}
 
 
 def _new_run_dir(config: TrainConfig) -> Path:

@@ -103,7 +103,7 @@ def test_train_export_sample_score_end_to_end(tmp_path, capsys):
                  "previews/epoch-0001.png", "checkpoints/epoch-0001/adapter.safetensors"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
-    assert set(summary["eval"]["seen"]) == {"before", "after"} and summary["wall_time_s"] > 0
+    assert set(summary["eval"]["seen"]) == {"before", "after", "delta"} and summary["wall_time_s"] > 0
 
     exported = tmp_path / "demo_fp32.safetensors"
     assert main(["export", str(run), "--out", str(exported), "--format", "diffusers", "--dtype", "fp32"]) == 0

@@ -59,9 +59,9 @@ def test_kohya_file_layout_and_metadata(adapted, tmp_path):
     assert len(modules) == 72 and len(keys) == 3 * 72  # 6 transformer blocks x 12 modules
     pattern = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
     assert all(pattern.match(k) for k in keys)
-    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight" in keys
-    assert "lora_unet_up_blocks_0_attentions_2_transformer_blocks_0_ff_net_0_proj.alpha" in keys
+    assert "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_ff_net_0_proj.alpha" in keys
     # A1111 splits every key at its first dot; ComfyUI maps lora_unet_<diffusers path with _>: both must resolve.
     by_kohya_name = {kohya_name(name): module for name, module in pipe.unet.named_modules()}
     for key in keys:

@@ -76,3 +76,17 @@ def test_ddpo_objective_trains_with_the_same_loop(tiny_config):
     trainer.run()
     assert "implicit_reward_mean" not in _metrics(trainer.run_dir)[0]
     assert any(v.abs().max() > 0 for k, v in _final_weights(trainer.run_dir).items() if "lora_B" in k)
+
+
+def test_default_run_raises_jpeg_compressibility(tmp_path):
+    """The embedded default (tiny random SD-shaped model, jpeg_compressibility, 10 epochs) on fixed evaluation seeds:
+    the reward must rise by more than 4 paired standard errors and by more than 3 unpaired ones (the seed-to-seed
+    spread of the before and after means). Measured when written: +0.10 kB, about 8 paired standard errors."""
+    trainer = Trainer(TrainConfig(output_dir=str(tmp_path)))
+    trainer.run()
+    seen = json.loads((trainer.run_dir / "summary.json").read_text())["eval"]["seen"]
+    before, after, delta = seen["before"], seen["after"], seen["delta"]
+    assert before["n"] == after["n"] == 64
+    assert delta["mean"] == pytest.approx(after["mean"] - before["mean"], abs=1e-5)
+    assert delta["mean"] > 4 * delta["se"]
+    assert after["mean"] - before["mean"] > 3 * (before["se"] ** 2 + after["se"] ** 2) ** 0.5
