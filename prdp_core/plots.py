@@ -61,6 +61,7 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
         return (left + (x - x_min) / (x_max - x_min) * (width - left - right),
                 height - bottom - (y - y_min) / (y_max - y_min) * (height - top - bottom))
 
+    integer_x = all(float(p[0]).is_integer() for p in points) and x_max - x_min >= 4
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for i in range(5):
         y = y_min + (y_max - y_min) * i / 4
@@ -70,7 +71,7 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
         x = x_min + (x_max - x_min) * i / 4
         px, _ = to_px(x, y_min)
         draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
-        draw.text((px - 8, height - bottom + 6), f"{x:.3g}", fill="black", font=font)
+        draw.text((px - 8, height - bottom + 6), f"{x:.0f}" if integer_x else f"{x:.3g}", fill="black", font=font)
     draw.text((width // 2 - 16, height - 14), x_label, fill="black", font=font)
     for k, (name, (xs, ys)) in enumerate(series.items()):
         colour = _COLOURS[k % len(_COLOURS)]
