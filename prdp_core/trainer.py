@@ -33,7 +33,8 @@ from .events import (CheckpointWritten, EpochEnd, EpochSampled, Evaluated, Event
                      RunStarted, StepMetrics)
 from .export import LoraWeights, export_lora
 from .files import atomic_write_text
-from .models import add_lora, load_pipeline, lora_disabled, lora_parameters, model_info, resolve_device
+from .models import (add_lora, load_pipeline, lora_disabled, lora_modules, lora_parameters, model_info,
+                     resolve_device)
 from .objectives import EpochBatch, make_objective
 from .plots import image_grid, line_plot
 from .prompts import draw_prompts, load_prompts
@@ -150,7 +151,7 @@ class Trainer:
         self.model_info = model_info(self.pipe, config.model)
         torch.manual_seed(config.seed)  # the LoRA's random init (overwritten when resuming)
         add_lora(self.unet, config.lora_rank, config.lora_alpha, config.lora_targets)
-        self.lora_modules = [n for n, m in self.unet.named_modules() if hasattr(m, "lora_A")]
+        self.lora_modules = lora_modules(self.unet)
         self.params = lora_parameters(self.unet)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay)
