@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import PrdpError
 from .export import LoraWeights
 
 FOLDER = "checkpoints"
+_NAME = re.compile(r"epoch-\d+")
 
 
 def checkpoint_path(run_dir: Path, epoch: int) -> Path:
@@ -28,9 +31,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / FOLDER
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith("epoch-") and not p.name.endswith(".tmp")
-             and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
+    found = [p for p in folder.iterdir() if _NAME.fullmatch(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len("epoch-"):]))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -47,9 +49,12 @@ def save_checkpoint(run_dir: Path, epoch: int, weights: LoraWeights, optimizer_s
     weights.save(tmp / "adapter.safetensors")
     torch.save(optimizer_state, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
+    stale = final.with_name(final.name + ".old")
+    if final.exists():  # re-saving an epoch (epoch 0 is saved before and after the first evaluation)
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
     os.replace(tmp, final)
+    shutil.rmtree(stale, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -60,6 +65,6 @@ def load_checkpoint(path: Path) -> tuple[LoraWeights, dict, dict]:
         weights = LoraWeights.load(path / "adapter.safetensors")
         optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise PrdpError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from the one before.") from None
     return weights, optimizer_state, state

@@ -21,7 +21,8 @@ TRAIN_EPILOG = """examples:
   prdp train                                   # the embedded default: a tiny model on CPU, JPEG reward
   prdp train --model ./sd15 --prompts prompts.txt --reward jpeg_compressibility --epochs 50 --out runs
   prdp train --config my_run.toml --seed 3     # a config file, with flags overriding it
-  prdp train --resume runs/20261124-101500     # continue a stopped run (--epochs N extends it)
+  prdp train --resume runs/20261124-101500     # continue a stopped run (--epochs N extends it,
+                                               # --batch-size N after running out of memory)
 
 Every run writes a folder with config.toml, metrics.jsonl, checkpoints/, previews/, reward_curve.png,
 summary.json and the kohya LoRA (<lora-name>.safetensors) that ComfyUI, A1111/Forge and diffusers load.
@@ -169,12 +170,9 @@ def cmd_train(args) -> int:
     from .trainer import Trainer
 
     if args.resume:
-        overrides = _overrides(args)
-        extra = sorted(set(overrides) - {"epochs"}) + (["--config"] if args.config else [])
-        if extra:
-            raise ConfigError(f"--resume continues a run with its saved config; only --epochs can change, not "
-                              f"{', '.join(extra)}.")
-        trainer = Trainer.resume(args.resume, epochs=overrides.get("epochs"))
+        if args.config:
+            raise ConfigError("--resume continues a run with its saved config; drop --config.")
+        trainer = Trainer.resume(args.resume, **_overrides(args))
     else:
         config = resolve_train_config(args)
         if args.save_config:
@@ -225,7 +223,8 @@ class _Reporter:
             self._print(f"model {self.config.model}, LoRA rank {self.config.lora_rank} alpha "
                         f"{self.config.lora_alpha:g} on {event.lora_modules} modules, objective {self.config.objective}")
         elif kind == "Progress" and not self.quiet:
-            label = f"epoch {event.epoch + 1}/{self.config.epochs} {event.phase}"
+            label = event.phase if event.phase.startswith("eval") else \
+                f"epoch {event.epoch}/{self.config.epochs} {event.phase}"
             if self.bar is None or self.bar.desc != label:
                 self.close()
                 self.bar = tqdm(total=event.total, desc=label, leave=False, file=sys.stderr, dynamic_ncols=True)

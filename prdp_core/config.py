@@ -70,7 +70,7 @@ class TrainConfig:
     images_per_prompt: int = _field(16, "Images sampled per prompt (B); pairs are formed among them.", "loop")
     updates_per_epoch: int = _field(4, "Gradient updates per epoch on the same samples (K).", "loop")
     batch_size: int = _field(8, "Images per UNet call, in sampling and training alike; lower it to save memory "
-                             "(results do not change).", "loop")
+                             "(results change only by float rounding; it may change on --resume).", "loop")
     # --- the sampler
     num_steps: int = _field(6, "DDIM sampling steps (T).", "sampler")
     guidance_scale: float = _field(5.0, "Classifier-free guidance scale, applied inside every step.", "sampler")
@@ -136,6 +136,8 @@ class TrainConfig:
         if self.images_per_prompt < 2:
             raise ConfigError(f"images_per_prompt must be at least 2 (pairs are compared within a prompt), got "
                               f"{self.images_per_prompt}.")
+        if self.num_steps > 1000:
+            raise ConfigError(f"num_steps must be at most 1000 (the models' training timesteps), got {self.num_steps}.")
         if self.eta > 1.0:
             raise ConfigError(f"eta must be in (0, 1], got {self.eta}.")
         if self.resolution and self.resolution % 8:

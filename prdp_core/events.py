@@ -1,4 +1,7 @@
-"""Typed events the trainer emits; hosts render progress from them. Nothing in the engine prints to a UI."""
+"""Typed events the trainer emits; hosts render progress from them. Nothing in the engine prints to a UI.
+
+Epoch numbers count from 1: training events carry the number of the epoch in progress (and EpochEnd the one just
+finished); evaluation and checkpoint events carry how many epochs are complete (0 before training)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 
 from .errors import ExportError
@@ -73,11 +73,14 @@ class LoraWeights:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LoraWeights":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("prdp_format") != "peft-lora-v1":
-                raise ExportError(f"{path} is not a prdp checkpoint adapter file.")
-            state = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, SafetensorError) as exc:
+            raise ExportError(f"{path} cannot be read ({exc}); it is missing or damaged.") from None
+        if meta.get("prdp_format") != "peft-lora-v1":
+            raise ExportError(f"{path} is not a prdp checkpoint adapter file.")
         training = {k: v for k, v in meta.items()
                     if k.startswith("prdp_") and k not in ("prdp_format", "prdp_rank", "prdp_alpha", "prdp_targets",
                                                            "prdp_model")}
@@ -144,7 +147,7 @@ def kohya_state_dict(weights: LoraWeights, dtype: torch.dtype = torch.float16) -
         stem = kohya_name(module)
         tensors[f"{stem}.lora_down.weight"] = weights.state_dict[f"{module}.lora_A.weight"].to(dtype).contiguous()
         tensors[f"{stem}.lora_up.weight"] = weights.state_dict[f"{module}.lora_B.weight"].to(dtype).contiguous()
-        tensors[f"{stem}.alpha"] = torch.tensor(weights.alpha, dtype=dtype)
+        tensors[f"{stem}.alpha"] = torch.tensor(weights.alpha, dtype=torch.float32)  # exact in any weight dtype
     return tensors
 
 
@@ -160,7 +163,7 @@ def kohya_metadata(weights: LoraWeights, tensors: dict[str, torch.Tensor], name:
         "ss_base_model_version": base_version,
         "ss_v2": str(model.arch == "sd2"),
         "ss_output_name": name,
-        "ss_sd_model_name": model.name,
+        "ss_sd_model_name": os.path.basename(model.name.rstrip("/\\")) or model.name,  # no local paths
         "ss_resolution": f"({model.resolution}, {model.resolution})",
         "ss_training_started_at": weights.training.get("prdp_started_at", str(now)),
         "ss_training_finished_at": weights.training.get("prdp_finished_at", str(now)),

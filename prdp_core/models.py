@@ -61,6 +61,7 @@ def load_pipeline(spec: str, dtype: str = "fp32", device: str | torch.device = "
             if not (path / "model_index.json").is_file():
                 raise ModelLoadError(f"{spec} is a folder but not a diffusers model (no model_index.json); pass a "
                                      f"diffusers folder or a .safetensors checkpoint file.")
+            _check_pipeline_class(path, spec)
             pipe = _wrap_load(spec, lambda: StableDiffusionPipeline.from_pretrained(
                 str(path), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False))
         elif path.is_file():
@@ -68,7 +69,8 @@ def load_pipeline(spec: str, dtype: str = "fp32", device: str | torch.device = "
                 raise ModelLoadError(f"{spec} is not a model checkpoint; pass a .safetensors/.ckpt file or a "
                                      f"diffusers folder.")
             pipe = _wrap_load(spec, lambda: StableDiffusionPipeline.from_single_file(
-                str(path), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False))
+                str(path), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False),
+                single_file=True)
         elif _looks_like_path(spec):
             raise ModelLoadError(f"model path {spec} does not exist; check the path, or pass a hub id such as "
                                  f"stable-diffusion-v1-5/stable-diffusion-v1-5.")
@@ -77,7 +79,10 @@ def load_pipeline(spec: str, dtype: str = "fp32", device: str | torch.device = "
                 spec, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False))
     # DDIM with eta > 0 is the policy whose per-step log-probs we train; x0-clipping would make its mean
     # non-smooth, so it is off whatever the checkpoint's own scheduler said.
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
+    _check_architecture(pipe, spec)
+    # set_alpha_to_one=False keeps the last step's sigma > 0 (DDPO's clamp); with True its log-prob is undefined.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False,
+                                               set_alpha_to_one=False)
     if pipe.unet.dtype != torch_dtype:  # builtin models are built in fp32; hub/folder loads already are torch_dtype
         pipe.to(dtype=torch_dtype)
     pipe.to(device)
@@ -93,7 +98,7 @@ def _looks_like_path(spec: str) -> bool:
             or spec.count("/") > 1 or "\\" in spec)
 
 
-def _wrap_load(spec: str, load):
+def _wrap_load(spec: str, load, single_file: bool = False):
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         with warnings.catch_warnings():  # newer diffusers rename torch_dtype; older ones (host pins) know no other
@@ -101,6 +106,10 @@ def _wrap_load(spec: str, load):
             return load()
     except (OSError, ValueError, EnvironmentError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if single_file:
+            raise ModelLoadError(f"could not load checkpoint file {spec}: {reason}; it may be damaged or not a Stable "
+                                 f"Diffusion 1/2 checkpoint (offline, diffusers also needs its configs cached: "
+                                 f"converting it to a diffusers folder once avoids that).") from None
         if offline or "offline" in reason.lower() or "connect" in reason.lower():
             raise ModelLoadError(f"model {spec!r} is not on this machine and the hub cannot be reached (offline); "
                                  f"download it first or pass a local diffusers folder or .safetensors file.") from None
@@ -108,12 +117,33 @@ def _wrap_load(spec: str, load):
                              f"hub id or single-file checkpoint.") from None
 
 
-def model_info(pipe, name: str) -> ModelInfo:
+SUPPORTED = "Stable Diffusion 1.x and 2.x (SDXL support is planned)"
+
+
+def _check_pipeline_class(folder: Path, spec: str) -> None:
+    import json
+
+    try:
+        class_name = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError):
+        raise ModelLoadError(f"{spec}/model_index.json is unreadable; the model folder is damaged.") from None
+    if class_name and class_name not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
+        raise ModelLoadError(f"{spec} is a {class_name}; prdp trains {SUPPORTED}.")
+
+
+def _check_architecture(pipe, spec: str) -> None:
+    config = pipe.unet.config
+    if getattr(config, "addition_embed_type", None) or getattr(pipe, "text_encoder_2", None) is not None:
+        raise ModelLoadError(f"{spec} looks like an SDXL model; prdp trains {SUPPORTED}.")
+
+
+def model_info(pipe, name: str, resolution: int = 0) -> ModelInfo:
+    """`resolution` is the training resolution when it differs from the model's native one."""
     cross_dim = pipe.unet.config.cross_attention_dim
     arch = "sd2" if cross_dim == 1024 else "sd1"
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return ModelInfo(name=name, arch=arch, prediction_type=pipe.scheduler.config.prediction_type,
-                     resolution=int(resolution))
+                     resolution=int(resolution or native))
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
@@ -149,13 +179,21 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
 def build_byte_tokenizer(model_max_length: int = 77):
     """A CLIP tokenizer over byte-level characters only (no merges): every word splits into characters, so it
     needs no vocabulary file from a hub, yet tokenises any text deterministically."""
+    import json
+    import tempfile
+
     from transformers import CLIPTokenizer
 
     chars = _bytes_to_unicode()
     vocab = {}
     for token in chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]:
         vocab.setdefault(token, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+    with tempfile.TemporaryDirectory() as folder:  # the file-based constructor works in transformers 4.x and 5.x
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
 
 
 def _bytes_to_unicode() -> list[str]:

@@ -149,9 +149,10 @@ class Sampler:
 
     @torch.no_grad()
     def sample_chunk(self, embeds: torch.Tensor, negative: torch.Tensor, count: int,
-                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                     generator: torch.Generator | list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample `count` trajectories of one prompt. Returns latents [count, T+1, C, h, w] (x_T .. x_0) and
-        log-probs [count, T]. Consumes `generator` exactly as `StableDiffusionPipeline.__call__` does."""
+        log-probs [count, T]. Consumes `generator` (one, or one per image) exactly as
+        `StableDiffusionPipeline.__call__` does."""
         pipe = self.pipe
         side = (self.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
         shape = (count, pipe.unet.config.in_channels, side, side)
@@ -205,8 +206,8 @@ def to_pil(images: torch.Tensor) -> list:
 
 
 def chunk_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of ints, so noise depends only on (seed, epoch, prompt, chunk) and
-    is identical on every device and after a resume."""
+    """A CPU generator seeded from a tuple of ints, so noise depends only on (seed, epoch, prompt, image) and is
+    identical on every device, for every batch size and after a resume."""
     seed = 0
     for k in key:
         seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)

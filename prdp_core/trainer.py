@@ -45,6 +45,7 @@ from .stat_tracking import PerPromptStatTracker
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+RESUMABLE = ("epochs", "batch_size", "device", "keep_checkpoints", "eval_every")
 _EVAL_KEY = 1_000_003  # separates evaluation noise from every training epoch's noise
 
 
@@ -76,15 +77,18 @@ class Trainer:
         self._stop: threading.Event | None = None
 
     @classmethod
-    def resume(cls, run_dir: str | Path, on_event=None, epochs: int | None = None) -> "Trainer":
-        """A trainer that continues `run_dir` with its saved config (optionally extended to `epochs`)."""
+    def resume(cls, run_dir: str | Path, on_event=None, **changes) -> "Trainer":
+        """A trainer that continues `run_dir` with its saved config. Only settings that leave the finished epochs
+        valid may change (RESUMABLE: e.g. more epochs, a smaller batch_size after running out of memory)."""
         run_dir = Path(run_dir)
+        refused = sorted(set(changes) - set(RESUMABLE))
+        if refused:
+            raise ConfigError(f"a resumed run keeps its saved settings; only {', '.join(RESUMABLE)} can change, not "
+                              f"{', '.join(refused)}.")
         if not (run_dir / CONFIG_FILE).is_file():
             raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG_FILE}); pass a folder written by prdp train.")
         config = TrainConfig.load(run_dir / CONFIG_FILE)
-        if epochs is not None:
-            config.epochs = epochs
-        return cls(config, on_event, resume_dir=run_dir)
+        return cls(TrainConfig.from_dict({**config.to_dict(), **changes}), on_event, resume_dir=run_dir)
 
     # ------------------------------------------------------------------------------------------ the run
     def run(self, stop_event: threading.Event | None = None) -> Path | None:
@@ -93,8 +97,10 @@ class Trainer:
         try:
             return self._run()
         except _Cancelled:
-            lora = self._export(checkpoints.latest_checkpoint(self.run_dir))
-            self._emit(Finished(self.run_dir, lora, {"stopped_after_epoch": self.epoch}, cancelled=True))
+            checkpoint = checkpoints.latest_checkpoint(self.run_dir)
+            lora = self._export(checkpoint)
+            done = int(checkpoint.name[len("epoch-"):]) if checkpoint else 0
+            self._emit(Finished(self.run_dir, lora, {"stopped_after_epoch": done}, cancelled=True))
             return lora
         except PrdpError as exc:
             self._emit(Failed(str(exc), self.run_dir))
@@ -123,13 +129,15 @@ class Trainer:
         while self.epoch < config.epochs:
             metrics = self._train_epoch(self.epoch)
             self.epoch += 1
-            if config.eval_every and self.epoch % config.eval_every == 0 and self.epoch < config.epochs:
-                metrics["eval"], _ = self._evaluate(f"epoch-{self.epoch}")
             self._append_metrics(metrics)
-            self._emit(EpochEnd(self.epoch, metrics))
             self.state["elapsed_s"] = self.state.get("elapsed_s", 0.0) + time.perf_counter() - started
             started = time.perf_counter()
             self._checkpoint()
+            self._emit(EpochEnd(self.epoch, metrics))
+            if config.eval_every and self.epoch % config.eval_every == 0 and self.epoch < config.epochs:
+                results, _ = self._evaluate(f"epoch-{self.epoch}")
+                self._append_metrics({"epoch": self.epoch, "eval": results})  # its own line: a stop during the
+                # evaluation leaves the epoch's checkpoint and metrics complete
         after, after_images = self._evaluate("after")
         self._write_before_after(after_images)
         self.state["finished_at"] = time.time()
@@ -144,19 +152,19 @@ class Trainer:
         if self.resume_dir and checkpoint is None:
             raise ConfigError(f"{self.resume_dir} has no checkpoint to resume from; start a new run instead.")
         self.pipe = load_pipeline(config.model, config.precision, self.device)  # before any folder is made
+        self.sampler = Sampler(self.pipe, config.num_steps, config.guidance_scale, config.eta,
+                               config.negative_prompt, config.resolution)
         self.run_dir = self.resume_dir or _new_run_dir(config)
         config.save(self.run_dir / CONFIG_FILE)
         (self.run_dir / "previews").mkdir(exist_ok=True)
         self.unet = self.pipe.unet
-        self.model_info = model_info(self.pipe, config.model)
+        self.model_info = model_info(self.pipe, config.model, config.resolution)
         torch.manual_seed(config.seed)  # the LoRA's random init (overwritten when resuming)
         add_lora(self.unet, config.lora_rank, config.lora_alpha, config.lora_targets)
         self.lora_modules = lora_modules(self.unet)
         self.params = lora_parameters(self.unet)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay)
-        self.sampler = Sampler(self.pipe, config.num_steps, config.guidance_scale, config.eta,
-                               config.negative_prompt, config.resolution)
         self.epoch, self.state, self.before_images = 0, {"started_at": time.time()}, None
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -171,9 +179,8 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.load_state_dict(state.get("tracker", {}))
         metrics = self.run_dir / METRICS_FILE
-        if metrics.is_file():  # drop epochs after the checkpoint: they are about to be redone
-            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["epoch"] <= self.epoch]
+        if metrics.is_file():  # drop epochs after the checkpoint (and a line cut by a crash): they are redone
+            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines() if _epoch_of(line) <= self.epoch]
             atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------------------------------ one epoch
@@ -182,9 +189,10 @@ class Trainer:
         unet_before = sampler.clock.seconds
         timings = {}
         tick = time.perf_counter()
+        number = epoch + 1  # events and files count epochs from 1
         prompts = draw_prompts(self.train_prompts, config.prompts_per_epoch, config.seed, epoch)
         traj, images, timings["decode"] = self._sample(prompts, config.images_per_prompt, (config.seed, epoch),
-                                                       epoch, "sampling", keep_trajectory=True)
+                                                       number, "sampling", keep_trajectory=True)
         timings["sampling"] = time.perf_counter() - tick - timings["decode"]
 
         tick = time.perf_counter()
@@ -192,13 +200,13 @@ class Trainer:
         total, components = self.reward_mix.score(images, per_image_prompts)
         rewards = total.view(len(prompts), config.images_per_prompt)
         timings["reward"] = time.perf_counter() - tick
-        self._emit_samples(epoch, prompts, images, total, components)
+        self._emit_samples(number, prompts, images, total, components)
 
         tick = time.perf_counter()
         log_probs_ref = None
         if self.objective.needs_reference:
             with lora_disabled(self.unet):
-                log_probs_ref = sampler.all_log_probs(traj, self._progress(epoch, "reference", traj))
+                log_probs_ref = sampler.all_log_probs(traj, self._progress(number, "reference", traj))
         timings["reference"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -210,18 +218,18 @@ class Trainer:
         updates = []
         for k in range(config.updates_per_epoch):
             # theta = theta_old on the first update, where recomputing would reproduce the stored log-probs.
-            current = traj.log_probs if k == 0 else sampler.all_log_probs(traj, self._progress(epoch, "optimization", traj))
+            current = traj.log_probs if k == 0 else sampler.all_log_probs(traj, self._progress(number, "optimization", traj))
             loss, grad_norm, stats = self._update(traj, batch, current)
             step = epoch * config.updates_per_epoch + k + 1
             updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
-            self._emit(StepMetrics(epoch, k, step, loss, grad_norm, stats))
+            self._emit(StepMetrics(number, k, step, loss, grad_norm, stats))
         timings["optimization"] = time.perf_counter() - tick
         timings["unet"] = sampler.clock.seconds - unet_before
         timings["total"] = sum(timings[k] for k in ("sampling", "decode", "reward", "reference", "optimization"))
 
         metrics = {
-            "epoch": epoch + 1,
-            "global_step": (epoch + 1) * config.updates_per_epoch,
+            "epoch": number,
+            "global_step": number * config.updates_per_epoch,
             "reward_mean": total.mean().item(),
             "reward_std": total.std().item(),
             "rewards": {name: {"mean": s.mean().item(), "std": s.std().item()} for name, s in components.items()},
@@ -247,6 +255,9 @@ class Trainer:
                 param.grad = torch.zeros_like(param)
         max_norm = self.config.max_grad_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # never step, checkpoint or export NaN weights
+            raise PrdpError(f"training diverged in epoch {self.epoch + 1} (loss {loss}, gradient norm {grad_norm}); "
+                            f"lower learning_rate or raise beta, then resume from the last checkpoint.")
         self.optimizer.step()
         return loss, grad_norm, stats
 
@@ -269,13 +280,13 @@ class Trainer:
                 (coef * chunk_log_probs).sum().backward()
                 self.sampler.clock.add(time.perf_counter() - tick)
             done += 1
-            self._emit(Progress(self.epoch, "optimization", done, total))
+            self._emit(Progress(self.epoch + 1, "optimization", done, total))
         return loss.item(), stats
 
     # ------------------------------------------------------------------------------------------ sampling, eval
     def _sample(self, prompts: list[str], count: int, key: tuple, epoch: int, phase: str,
                 keep_trajectory: bool = False) -> tuple[Trajectories | None, list, float]:
-        """Sample `count` images per prompt in chunks of batch_size, each chunk's noise from (key, prompt, chunk).
+        """Sample `count` images per prompt in chunks of batch_size, each image's noise from (key, prompt, image).
         Returns the trajectories (if kept), the decoded PIL images (prompt-major) and the decode seconds."""
         sampler, size = self.sampler, self.config.batch_size
         embeds, negative = sampler.encode_prompts(prompts)
@@ -284,8 +295,9 @@ class Trainer:
         for done, (n, start) in enumerate(chunks, 1):
             self._check_stop()
             chunk = min(size, count - start)
-            chunk_latents, chunk_log_probs = sampler.sample_chunk(
-                embeds[n:n + 1], negative, chunk, chunk_generator(*key, n, start // size))
+            # one generator per image: the noise does not depend on how images are batched
+            generators = [chunk_generator(*key, n, i) for i in range(start, start + chunk)]
+            chunk_latents, chunk_log_probs = sampler.sample_chunk(embeds[n:n + 1], negative, chunk, generators)
             tick = time.perf_counter()
             images += to_pil(sampler.decode(chunk_latents[:, -1]))
             decode_s += time.perf_counter() - tick
@@ -343,8 +355,8 @@ class Trainer:
                                 {name: s.mean().item() for name, s in components.items()}))
         rows = [images[r * per_prompt:(r + 1) * per_prompt] for r in range(shown // per_prompt)]
         captions = [[f"{v:.4g}" for v in total[r * per_prompt:(r + 1) * per_prompt].tolist()] for r in range(len(rows))]
-        grid = image_grid(rows, captions, [f"epoch {epoch + 1}: {p}" for p in prompts[:len(rows)]])
-        grid.save(self.run_dir / "previews" / f"epoch-{epoch + 1:04d}.png")
+        grid = image_grid(rows, captions, [f"epoch {epoch}: {p}" for p in prompts[:len(rows)]])
+        grid.save(self.run_dir / "previews" / f"epoch-{epoch:04d}.png")
 
     def _append_metrics(self, metrics: dict) -> None:
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
@@ -352,14 +364,20 @@ class Trainer:
         self._plot_curves()
 
     def _plot_curves(self) -> None:
-        lines = [json.loads(line) for line in (self.run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
-                 if line.strip()]
+        rows = [json.loads(line) for line in (self.run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+        lines = [m for m in rows if "reward_mean" in m]
         epochs = [m["epoch"] for m in lines]
         series = {"reward (training samples)": (epochs, [m["reward_mean"] for m in lines])}
         bands = {"reward (training samples)": [m["reward_std"] for m in lines]}
         if len(self.config.rewards) > 1:
             for name in self.config.rewards:
                 series[name] = (epochs, [m["rewards"][name]["mean"] for m in lines])
+        before = self.state.get("eval_before", {}).get("seen")
+        evals = ([(0, before["mean"])] if before else []) + [(m["epoch"], m["eval"]["seen"]["mean"]) for m in rows
+                                                              if "eval" in m]
+        if len(evals) > 1:
+            series["eval, seen prompts (fixed seeds)"] = ([e for e, _ in evals], [v for _, v in evals])
         line_plot(series, f"reward per epoch: {self.reward_mix.describe()}", bands=bands).save(
             self.run_dir / "reward_curve.png")
 
@@ -431,6 +449,13 @@ class Trainer:
         except OSError:
             return None
         return log
+
+
+def _epoch_of(line: str) -> float:
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _standard_error(values: torch.Tensor) -> float:

@@ -127,4 +127,5 @@ def test_train_export_sample_score_end_to_end(tmp_path, capsys):
 
 def test_resume_refuses_changed_settings(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--beta", "2"]) == 2
-    assert "only --epochs can change" in _error_line(capsys)
+    line = _error_line(capsys)
+    assert "only epochs, batch_size" in line and "not beta" in line

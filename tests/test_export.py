@@ -69,8 +69,9 @@ def test_kohya_file_layout_and_metadata(adapted, tmp_path):
         module = by_kohya_name[stem].base_layer
         tensor = tensors[key]
         if kind == "alpha":
-            assert tensor.ndim == 0 and tensor.item() == 8.0
-        elif kind == "lora_down.weight":
+            assert tensor.ndim == 0 and tensor.item() == 8.0 and tensor.dtype == torch.float32
+            continue
+        if kind == "lora_down.weight":
             assert tensor.shape[:2] == (4, module.weight.shape[1])
         else:
             assert tensor.shape[:2] == (module.weight.shape[0], 4)
@@ -111,7 +112,8 @@ def test_export_dtypes(adapted, tmp_path, dtype, torch_dtype):
     _, weights, _ = adapted
     path = export_lora(weights, tmp_path / "x.safetensors", dtype=dtype)
     with safe_open(str(path), framework="pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch_dtype}
+        assert {f.get_tensor(k).dtype for k in f.keys() if not k.endswith(".alpha")} == {torch_dtype}
+        assert {f.get_tensor(k).dtype for k in f.keys() if k.endswith(".alpha")} == {torch.float32}
 
 
 def test_failed_export_keeps_existing_file(adapted, tmp_path, monkeypatch):

@@ -15,8 +15,9 @@ def _final_weights(run_dir):
     return LoraWeights.load(latest_checkpoint(run_dir) / "adapter.safetensors").state_dict
 
 
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _metrics(run_dir, evals=False):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in rows if ("eval" in m) == evals]
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_config):
@@ -59,6 +60,9 @@ def test_events_and_metrics(tiny_config):
     assert {"sampling", "reference", "optimization", "eval seen", "eval unseen"} <= phases
     metrics = _metrics(trainer.run_dir)
     assert [m["epoch"] for m in metrics] == [1, 2]
+    assert [m["epoch"] for m in _metrics(trainer.run_dir, evals=True)] == [1]  # eval_every=1, last epoch: "after"
+    assert [e.epoch for e in events if e.kind == "EpochSampled"] == [1, 2]
+    assert [e.epoch for e in events if e.kind == "CheckpointWritten"] == [0, 0, 1, 2]
     m = metrics[0]
     assert set(m["rewards"]) == {"jpeg_compressibility"}
     for key in ("loss", "clip_fraction", "implicit_reward_mean", "implicit_reward_std", "grad_norm", "kl_old_last"):
@@ -69,6 +73,21 @@ def test_events_and_metrics(tiny_config):
     assert set(timings) == {"sampling", "decode", "reward", "reference", "optimization", "unet", "total"}
     summary = events[-1].summary
     assert set(summary["eval"]) == {"seen", "unseen"}
+
+
+def test_stop_during_a_mid_run_evaluation_keeps_the_finished_epoch(tiny_config):
+    stop, events = threading.Event(), []
+
+    def stop_in_eval(event):
+        events.append(event)
+        if event.kind == "Progress" and event.phase.startswith("eval") and event.epoch == 2:
+            stop.set()
+    trainer = Trainer(TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 3, "eval_every": 1}), stop_in_eval)
+    trainer.run(stop)
+    assert events[-1].kind == "Finished" and events[-1].cancelled
+    assert events[-1].summary["stopped_after_epoch"] == 2
+    assert latest_checkpoint(trainer.run_dir).name == "epoch-0002"
+    assert [m["epoch"] for m in _metrics(trainer.run_dir)] == [1, 2]
 
 
 def test_ddpo_objective_trains_with_the_same_loop(tiny_config):

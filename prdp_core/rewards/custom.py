@@ -52,3 +52,5 @@ def _import_module(target: str):
     except ImportError as exc:
         raise RewardError(f"custom reward module {target!r} cannot be imported ({exc}); install it or put it on "
                           f"PYTHONPATH.") from None
+    except Exception as exc:
+        raise RewardError(f"custom reward module {target!r} failed to import: {type(exc).__name__}: {exc}.") from None
