@@ -401,7 +401,7 @@ class Trainer:
             "prdp_seed": str(config.seed),
             "prdp_objective": config.objective,
             "prdp_reward_mix": self.reward_mix.describe(),
-            "prdp_config": json.dumps(config.to_dict()),
+            "prdp_config": json.dumps(_shareable(config.to_dict())),
         }
         return LoraWeights.from_unet(self.unet, self.model_info, training)
 
@@ -449,6 +449,17 @@ class Trainer:
         except OSError:
             return None
         return log
+
+
+def _shareable(config: dict) -> dict:
+    """The config as written into a LoRA that may be shared: file paths reduced to their names."""
+    shared = dict(config)
+    for key in ("model", "prompts", "eval_prompts", "output_dir"):
+        if shared[key] and not shared[key].startswith("builtin:"):
+            shared[key] = Path(shared[key]).name
+    shared["rewards"] = {Path(name).name if "/" in name or "\\" in name else name: weight
+                         for name, weight in shared["rewards"].items()}
+    return shared
 
 
 def _epoch_of(line: str) -> float:

@@ -72,3 +72,37 @@ def test_captions_match_pictures(split):
 def test_parse_caption_rejects_other_text():
     assert parse_caption("a painting of a cat") is None
     assert parse_caption("  A small red circle in the center, blue background ").colour == "red"
+
+
+def test_shipped_prompt_sets_are_the_generator_output():
+    from prdp_core.prompts import load_prompts
+
+    assert load_prompts("builtin:toy_train") == [s.caption for s in scenes("train")]
+    assert load_prompts("builtin:toy_unseen") == [s.caption for s in scenes("unseen")]
+
+
+def test_shipped_classifier_reads_held_out_scenes():
+    """Unseen (shape, colour, background) triples, fresh seeds, blur/noise damage: shape and colour above 95 %
+    (measured when trained: 99.5 % and 99.9 %)."""
+    from prdp_core.toy.classifier import accuracy, load_classifier
+
+    model = load_classifier()
+    clean = accuracy(model, "unseen", 400, seed=77)
+    damaged = accuracy(model, "unseen", 400, seed=78, damaged=True)
+    for result in (clean, damaged):
+        assert result["shape"] > 0.95 and result["colour"] > 0.95 and result["background"] > 0.95
+
+
+def test_toy_alignment_prefers_the_true_caption():
+    from prdp_core.errors import RewardError
+    from prdp_core.rewards import create_reward
+
+    reward = create_reward("toy_alignment")
+    data = dataset("unseen", 40, seed=5)
+    images = [d[0] for d in data]
+    true = reward.score(images, [d[1] for d in data])
+    wrong_shape = [d[1].replace(d[2].shape, next(s for s in ("circle", "square") if s != d[2].shape)) for d in data]
+    false = reward.score(images, wrong_shape)
+    assert (true > false).float().mean() > 0.95 and true.mean() > -0.5
+    with pytest.raises(RewardError, match="toy-world captions"):
+        reward.score(images[:1], ["a painting of a cat"])
