@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +123,6 @@ SUPPORTED = "Stable Diffusion 1.x and 2.x (SDXL support is planned)"
 
 
 def _check_pipeline_class(folder: Path, spec: str) -> None:
-    import json
-
     try:
         class_name = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
     except (OSError, ValueError):
@@ -179,9 +179,6 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
 def build_byte_tokenizer(model_max_length: int = 77):
     """A CLIP tokenizer over byte-level characters only (no merges): every word splits into characters, so it
     needs no vocabulary file from a hub, yet tokenises any text deterministically."""
-    import json
-    import tempfile
-
     from transformers import CLIPTokenizer
 
     chars = _bytes_to_unicode()

@@ -108,7 +108,12 @@ def dataset(split: str, count: int, seed: int, size: int = 64) -> list[tuple[Ima
 
 
 def _scene_index(scene: Scene) -> int:
-    return all_scenes().index(scene)
+    return _indices()[scene]
+
+
+@lru_cache(maxsize=1)
+def _indices() -> dict[Scene, int]:  # render() needs it per image: a dict, not a scan of 2,240 scenes
+    return {scene: i for i, scene in enumerate(all_scenes())}
 
 
 def _regular_polygon(cx: float, cy: float, radius: float, sides: int) -> list[tuple[float, float]]:
