@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="Generate images with and without a LoRA on fixed seeds.",
                                  description="Generate images from a base model, and with --lora the same seeds "
                                  "with the LoRA applied, plus a side-by-side comparison.png.")
-    sample.add_argument("--model", default="builtin:tiny", help="Base model (as for train).")
+    sample.add_argument("--model", default=TrainConfig.model, help="Base model (as for train).")
     sample.add_argument("--lora", metavar="FILE", help="A LoRA .safetensors (kohya or diffusers format).")
     sample.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0).")
     sample.add_argument("--prompt", action="append", help="A prompt, repeatable.")

@@ -41,10 +41,11 @@ def _field(default, help: str, group: str, choices: tuple | None = None, **kwarg
 @dataclass
 class TrainConfig:
     # --- what to train on
-    model: str = _field("builtin:tiny", "Base model: a builtin name (builtin:tiny), a hub id, a local diffusers "
-                        "folder, or a single-file .safetensors/.ckpt checkpoint.", "model")
+    model: str = _field("builtin:tiny", "Base model: a builtin name (builtin:tiny, random weights; builtin:toy, "
+                        "the shipped toy-world model), a hub id, a local diffusers folder, or a single-file "
+                        ".safetensors/.ckpt checkpoint.", "model")
     prompts: str = _field("builtin:animals", "Training prompts: a .txt file (one per line, # comments), a .json "
-                          "list, or a builtin set (builtin:animals).", "model")
+                          "list, or a builtin set (builtin:animals, builtin:toy_train, builtin:toy_unseen).", "model")
     eval_prompts: str = _field("", "Held-out prompts (same forms as --prompts), evaluated as 'unseen' beside the "
                                "training ('seen') prompts; empty: none.", "model")
     rewards: dict = _field({"jpeg_compressibility": 1.0}, "Reward mix {name: weight}; on the CLI --reward "
@@ -60,6 +61,11 @@ class TrainConfig:
     step_reduction: str = _field("mean", "How per-step implicit rewards combine over the trajectory: mean (the "
                                  "paper's code) or sum (the paper's equations; divide beta by the step count).",
                                  "objective", choices=("mean", "sum"))
+    train_step_fraction: float = _field(
+        1.0, "Fraction of the sampling steps, noisiest first, whose log-probs form the implicit reward and get "
+        "gradients (1.0: all, as in the paper). A step's log-prob gradient grows as 1/sigma_t, so the last, "
+        "nearly noise-free steps dominate it while deciding only fine detail: on the toy model a global "
+        "reward (brightness) rose only with 0.5.", "objective")
     ddpo_clip_range: float = _field(1e-4, "DDPO only: PPO clip range on the per-step probability ratio.",
                                     "objective")
     ddpo_adv_clip: float = _field(5.0, "DDPO only: advantages (per-prompt normalised rewards) are clipped to "
@@ -92,8 +98,8 @@ class TrainConfig:
     max_grad_norm: float = _field(1.0, "Gradient-norm clip; 0 disables it.", "optimizer")
     # --- evaluation and outputs
     eval_images_per_prompt: int = _field(8, "Images per evaluation prompt, on fixed seeds.", "eval")
-    eval_max_prompts: int = _field(8, "At most this many evaluation prompts (the first ones); 0 means all.",
-                                   "eval")
+    eval_max_prompts: int = _field(8, "At most this many evaluation prompts, evenly spaced through each set; 0 "
+                                   "means all.", "eval")
     eval_every: int = _field(0, "Evaluate every this many epochs (always before and after); 0 means only "
                              "before and after.", "eval")
     seed: int = _field(0, "Seed for prompt draws, sampling noise and evaluation.", "run")
@@ -136,6 +142,8 @@ class TrainConfig:
         if self.images_per_prompt < 2:
             raise ConfigError(f"images_per_prompt must be at least 2 (pairs are compared within a prompt), got "
                               f"{self.images_per_prompt}.")
+        if not 0 < self.train_step_fraction <= 1:
+            raise ConfigError(f"train_step_fraction must be in (0, 1], got {self.train_step_fraction}.")
         if self.num_steps > 1000:
             raise ConfigError(f"num_steps must be at most 1000 (the models' training timesteps), got {self.num_steps}.")
         if self.eta > 1.0:

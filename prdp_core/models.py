@@ -15,7 +15,10 @@ import torch
 
 from .errors import ModelLoadError
 
-BUILTIN_MODELS = ("builtin:tiny",)
+# builtin:toy is the trained toy-world model shipped in the package (the default); builtin:tiny has random weights
+# and exists for fast tests of the machinery.
+BUILTIN_MODELS = ("builtin:toy", "builtin:tiny")
+TOY_MODEL_DIR = Path(__file__).parent / "toy" / "weights" / "model"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
@@ -56,7 +59,15 @@ def load_pipeline(spec: str, dtype: str = "fp32", device: str | torch.device = "
     if spec.startswith("builtin:"):
         if spec not in BUILTIN_MODELS:
             raise ModelLoadError(f"unknown builtin model {spec!r}; choose one of {', '.join(BUILTIN_MODELS)}.")
-        pipe = build_tiny_pipeline()
+        if spec == "builtin:tiny":
+            pipe = build_tiny_pipeline()
+        elif not (TOY_MODEL_DIR / "model_index.json").is_file():
+            raise ModelLoadError(f"the toy model's weights are missing from this installation ({TOY_MODEL_DIR}); "
+                                 f"reinstall prdp-lora, or rebuild them with python -m prdp_core.toy.train_model.")
+        else:
+            with _no_progress_bars():  # a 10 MB local folder: loading bars would only clutter the output
+                pipe = _wrap_load(spec, lambda: StableDiffusionPipeline.from_pretrained(
+                    str(TOY_MODEL_DIR), torch_dtype=torch_dtype, local_files_only=True))
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -93,6 +104,22 @@ def load_pipeline(spec: str, dtype: str = "fp32", device: str | torch.device = "
         module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    restore = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in restore:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in restore:
+            if enabled:
+                lib.enable_progress_bar()
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -176,21 +203,28 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     return pipe
 
 
-def build_byte_tokenizer(model_max_length: int = 77):
-    """A CLIP tokenizer over byte-level characters only (no merges): every word splits into characters, so it
-    needs no vocabulary file from a hub, yet tokenises any text deterministically."""
+def build_byte_tokenizer(model_max_length: int = 77, merges: Sequence[tuple[str, str]] = ()):
+    """A CLIP tokenizer over a byte-level base vocabulary plus the given BPE `merges` (none: every word splits
+    into characters). Needs no vocabulary file from a hub, yet tokenises any text deterministically."""
     from transformers import CLIPTokenizer
 
+    with tempfile.TemporaryDirectory() as folder:  # the file-based constructor works in transformers 4.x and 5.x
+        write_tokenizer_files(folder, merges)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+
+
+def write_tokenizer_files(folder: str | Path, merges: Sequence[tuple[str, str]] = ()) -> None:
+    """vocab.json and merges.txt of the byte-level vocabulary plus `merges`: the files every transformers
+    version's CLIPTokenizer reads (transformers 5 itself saves only tokenizer.json)."""
     chars = _bytes_to_unicode()
     vocab = {}
-    for token in chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]:
+    for token in chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>",
+                                                                                      "<|endoftext|>"]:
         vocab.setdefault(token, len(vocab))
-    with tempfile.TemporaryDirectory() as folder:  # the file-based constructor works in transformers 4.x and 5.x
-        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(vocab, f)
-        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n")
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
 def _bytes_to_unicode() -> list[str]:

@@ -179,11 +179,13 @@ class Sampler:
         return gaussian_log_prob(x_prev, mean, std)
 
     @torch.no_grad()
-    def all_log_probs(self, traj: Trajectories, on_chunk=None) -> torch.Tensor:
-        """Recompute log-probs [N, B, T] of every stored transition under the current weights."""
-        out = torch.empty_like(traj.log_probs)
+    def all_log_probs(self, traj: Trajectories, on_chunk=None, steps: int | None = None) -> torch.Tensor:
+        """Recompute log-probs [N, B, steps] of the stored transitions of the first `steps` steps (all: None)
+        under the current weights."""
+        steps = traj.shape[2] if steps is None else steps
+        out = torch.empty_like(traj.log_probs[:, :, :steps])
         for n, images in traj.chunks():
-            for step in range(traj.shape[2]):
+            for step in range(steps):
                 out[n, images, step] = self.chunk_log_probs(traj, n, images, step)
             if on_chunk is not None:
                 on_chunk()

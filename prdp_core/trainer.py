@@ -64,13 +64,14 @@ class Trainer:
         self.resume_dir = Path(resume_dir) if resume_dir else None
         # Cheap checks first, so bad prompts or reward names fail before a model is loaded.
         self.train_prompts = load_prompts(config.prompts)
-        seen = self.train_prompts[: config.eval_max_prompts or None]
-        self.eval_sets = {"seen": seen}
+        self.eval_sets = {"seen": _spread(self.train_prompts, config.eval_max_prompts)}
         if config.eval_prompts:
-            self.eval_sets["unseen"] = load_prompts(config.eval_prompts)[: config.eval_max_prompts or None]
+            self.eval_sets["unseen"] = _spread(load_prompts(config.eval_prompts), config.eval_max_prompts)
         self.device = resolve_device(config.device)
         self.reward_mix = RewardMix(config.rewards, device=self.device)
         self.objective = make_objective(config)
+        # The noisiest steps come first; the objective sees log-probs of the first `trained_steps` of them.
+        self.trained_steps = max(1, math.ceil(config.train_step_fraction * config.num_steps - 1e-9))
         self.tracker = PerPromptStatTracker() if self.objective.needs_advantages else None
         self.run_dir: Path | None = None
         self.epoch = 0
@@ -203,10 +204,11 @@ class Trainer:
         self._emit_samples(number, prompts, images, total, components)
 
         tick = time.perf_counter()
+        trained = self.trained_steps
         log_probs_ref = None
         if self.objective.needs_reference:
             with lora_disabled(self.unet):
-                log_probs_ref = sampler.all_log_probs(traj, self._progress(number, "reference", traj))
+                log_probs_ref = sampler.all_log_probs(traj, self._progress(number, "reference", traj), trained)
         timings["reference"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
@@ -214,11 +216,13 @@ class Trainer:
         if self.tracker is not None:
             advantages = torch.as_tensor(self.tracker.update(prompts, rewards.numpy()), dtype=torch.float32)
             advantages = advantages.to(traj.log_probs.device)
-        batch = EpochBatch(traj.log_probs, rewards.to(traj.log_probs.device), log_probs_ref, advantages)
+        old = traj.log_probs[:, :, :trained]
+        batch = EpochBatch(old, rewards.to(old.device), log_probs_ref, advantages)
         updates = []
         for k in range(config.updates_per_epoch):
             # theta = theta_old on the first update, where recomputing would reproduce the stored log-probs.
-            current = traj.log_probs if k == 0 else sampler.all_log_probs(traj, self._progress(number, "optimization", traj))
+            current = old if k == 0 else sampler.all_log_probs(traj, self._progress(number, "optimization", traj),
+                                                               trained)
             loss, grad_norm, stats = self._update(traj, batch, current)
             step = epoch * config.updates_per_epoch + k + 1
             updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
@@ -271,7 +275,7 @@ class Trainer:
         done, total = 0, sum(1 for _ in traj.chunks())
         for n, images in traj.chunks():
             self._check_stop()
-            for step in range(traj.shape[2]):
+            for step in range(coefficients.shape[2]):
                 coef = coefficients[n, images, step]
                 if not coef.any():
                     continue
@@ -467,6 +471,13 @@ def _epoch_of(line: str) -> float:
         return json.loads(line)["epoch"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def _spread(prompts: list[str], count: int) -> list[str]:
+    """`count` prompts evenly spaced through the list (all of them for 0): sets are often sorted by subject."""
+    if not count or count >= len(prompts):
+        return list(prompts)
+    return [prompts[i * len(prompts) // count] for i in range(count)]
 
 
 def _standard_error(values: torch.Tensor) -> float:

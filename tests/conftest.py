@@ -14,8 +14,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture
 def tiny_config(tmp_path):
-    """A run small enough for a unit test: 2 prompts x 3 images (chunks of 2 and 1), 4 steps."""
-    return TrainConfig(output_dir=str(tmp_path / "runs"), prompts_per_epoch=2, images_per_prompt=3, batch_size=2,
+    """A run small enough for a unit test on the random builtin:tiny model: 2 prompts x 3 images (chunks of 2 and
+    1), 4 steps."""
+    return TrainConfig(output_dir=str(tmp_path / "runs"), model="builtin:tiny", prompts="builtin:animals",
+                       eval_prompts="", rewards={"jpeg_compressibility": 1.0}, prompts_per_epoch=2, images_per_prompt=3, batch_size=2,
                        num_steps=4, epochs=1, updates_per_epoch=2, eval_images_per_prompt=2, eval_max_prompts=2,
                        lora_rank=4, lora_alpha=8.0)
 

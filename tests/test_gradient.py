@@ -78,3 +78,30 @@ def test_gradient_at_init_is_reinforce_with_mean_centred_rewards(set_up_trainer)
 
     assert reference.norm() > 0
     assert ((lean - reference).norm() / reference.norm()).item() < 1e-4
+
+
+def test_lean_gradient_over_the_noisiest_steps_only(set_up_trainer):
+    """train_step_fraction 0.5 of 4 steps: the objective sees the first 2 steps' log-probs, and the lean gradient
+    equals autograd through the loss on exactly those (and differs from the all-steps gradient)."""
+    trainer = set_up_trainer(train_step_fraction=0.5)
+    assert trainer.trained_steps == 2
+    rewards = torch.tensor([[0.3, -0.2, 0.9], [0.1, 0.4, -0.5]])
+    traj, full = _epoch(trainer, rewards)
+    with lora_disabled(trainer.unet):
+        assert torch.equal(trainer.sampler.all_log_probs(traj, steps=2), full.log_probs_ref[:, :, :2])
+    batch = EpochBatch(full.log_probs_old[:, :, :2], rewards, full.log_probs_ref[:, :, :2])
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._accumulate_gradient(traj, batch, batch.log_probs_old)
+    lean = _grads(trainer)
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.objective.loss(_full_graph_log_probs(trainer, traj)[:, :, :2], batch).backward()
+    reference = _grads(trainer)
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._accumulate_gradient(traj, full, full.log_probs_old)
+    all_steps = _grads(trainer)
+
+    assert ((lean - reference).norm() / reference.norm()).item() < 1e-4
+    assert ((all_steps - reference).norm() / reference.norm()).item() > 0.1
