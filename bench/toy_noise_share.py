@@ -21,9 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prdp_core.models import load_pipeline  # noqa: E402
-from prdp_core.toy.classifier import HEADS, load_classifier, to_tensor  # noqa: E402
+from prdp_core.toy.classifier import load_classifier, reads_as_prompted  # noqa: E402
 from prdp_core.toy.train_model import evaluation_prompts  # noqa: E402
-from prdp_core.toy.world import parse_caption  # noqa: E402
 
 
 @torch.no_grad()
@@ -32,16 +31,12 @@ def success_grid(pipe, classifier, prompts, steps: int, initial_noises: int, dra
     channels, side = pipe.unet.config.in_channels, pipe.unet.config.sample_size
     grid = np.zeros((len(prompts), initial_noises))
     for i, prompt in enumerate(prompts):
-        scene = parse_caption(prompt)
         for x in range(initial_noises):
             x_t = torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(100 + x))
             generators = [torch.Generator().manual_seed(1000 * x + k) for k in range(draws)]
             images = pipe([prompt] * draws, latents=x_t.repeat(draws, 1, 1, 1), num_inference_steps=steps,
                           guidance_scale=5.0, eta=1.0, generator=generators).images
-            logits = classifier(to_tensor(images))
-            right = [HEADS["colour"][logits["colour"][k].argmax()] == scene.colour
-                     and HEADS["shape"][logits["shape"][k].argmax()] == scene.shape for k in range(draws)]
-            grid[i, x] = np.mean(right)
+            grid[i, x] = reads_as_prompted(classifier, images, [prompt] * draws)["both"].float().mean().item()
     return grid
 
 

@@ -51,6 +51,18 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+@torch.no_grad()
+def reads_as_prompted(model: "AttributeClassifier", images, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Per image, whether the classifier reads the colour, the shape, and both, that its toy caption names."""
+    from .world import parse_caption
+
+    logits = model(to_tensor(images))
+    scenes = [parse_caption(p) for p in prompts]
+    hits = {k: logits[k].argmax(1) == torch.tensor([HEADS[k].index(getattr(s, k)) for s in scenes])
+            for k in ("colour", "shape")}
+    return {**hits, "both": hits["colour"] & hits["shape"]}
+
+
 def labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     return {name: torch.tensor([values.index(getattr(s, name)) for s in scenes]) for name, values in HEADS.items()}
 

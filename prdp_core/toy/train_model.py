@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .classifier import to_tensor
 from .world import all_scenes, dataset, scenes
 
 MODEL_DIR = Path(__file__).parent / "weights" / "model"
@@ -97,11 +98,6 @@ def build_components(tokenizer, seed: int):
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
     return vae, text_encoder, unet, scheduler
-
-
-def to_pixels(images) -> torch.Tensor:
-    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1 for im in images])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -201,8 +197,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, captions, scal
 def alignment_accuracy(pipe, prompts: list[str], images_per_prompt: int, num_steps: int, guidance_scale: float,
                        eta: float = 1.0, seed: int = 0, batch: int = 32) -> dict[str, float]:
     """Fraction of samples whose colour, shape, and both, the attribute classifier reads as prompted."""
-    from .classifier import HEADS, load_classifier, to_tensor
-    from .world import parse_caption
+    from .classifier import load_classifier, reads_as_prompted
 
     classifier = load_classifier()
     hits = {"colour": 0, "shape": 0, "both": 0}
@@ -212,14 +207,8 @@ def alignment_accuracy(pipe, prompts: list[str], images_per_prompt: int, num_ste
         generator = [torch.Generator().manual_seed(seed * 1_000_003 + i + k) for k in range(len(chunk))]
         images = pipe(chunk, num_inference_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
                       generator=generator, output_type="pil").images
-        logits = classifier(to_tensor(images))
-        for k, prompt in enumerate(chunk):
-            scene = parse_caption(prompt)
-            colour = HEADS["colour"][logits["colour"][k].argmax()] == scene.colour
-            shape = HEADS["shape"][logits["shape"][k].argmax()] == scene.shape
-            hits["colour"] += colour
-            hits["shape"] += shape
-            hits["both"] += colour and shape
+        for key, right in reads_as_prompted(classifier, images, chunk).items():
+            hits[key] += int(right.sum())
     return {k: round(v / len(jobs), 4) for k, v in hits.items()}
 
 
@@ -249,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     timings = {}
     start = time.perf_counter()
     data = dataset("train", args.images, seed=args.seed)
-    pixels = to_pixels([d[0] for d in data])
+    pixels = to_tensor([d[0] for d in data]) * 2 - 1  # the VAE's [-1, 1]
     captions = [d[1] for d in data]
     timings["render_s"] = time.perf_counter() - start
 
