@@ -55,9 +55,13 @@ class TrainConfig:
     objective: str = _field("prdp", "Objective: prdp (this project) or ddpo (PPO-clip baseline).", "objective",
                             choices=("prdp", "ddpo"))
     beta: float = _field(0.1, "PRDP KL weight: the regression target is the reward difference divided by beta; "
-                         "smaller beta moves further from the base model.", "objective")
+                         "smaller beta moves further from the base model. While dr/beta is far beyond the "
+                         "log-ratios the model reaches (per-dimension means: ~1e-3), beta only scales the "
+                         "gradient, which AdamW undoes; then learning_rate sets the pace.", "objective")
     clip_range: float = _field(0.1, "PRDP per-step clip range on the implicit reward around the epoch's "
-                               "sampling model (prox. update); bites only when updates_per_epoch > 1.", "objective")
+                               "sampling model (prox. update); bites only when updates_per_epoch > 1 and it is on "
+                               "the scale of one update's change of the per-dimension log-prob (about 1e-4 on the "
+                               "toy model).", "objective")
     step_reduction: str = _field("mean", "How per-step implicit rewards combine over the trajectory: mean (the "
                                  "paper's code) or sum (the paper's equations; divide beta by the step count).",
                                  "objective", choices=("mean", "sum"))
@@ -65,7 +69,8 @@ class TrainConfig:
         1.0, "Fraction of the sampling steps, noisiest first, whose log-probs form the implicit reward and get "
         "gradients (1.0: all, as in the paper). A step's log-prob gradient grows as 1/sigma_t, so the last, "
         "nearly noise-free steps dominate it while deciding only fine detail: on the toy model a global "
-        "reward (brightness) rose only with 0.5.", "objective")
+        "reward (brightness) rose only with 0.5, and one caption's toy_alignment rose with 0.5 but fell with 1.0.",
+        "objective")
     ddpo_clip_range: float = _field(1e-4, "DDPO only: PPO clip range on the per-step probability ratio.",
                                     "objective")
     ddpo_adv_clip: float = _field(5.0, "DDPO only: advantages (per-prompt normalised rewards) are clipped to "
