@@ -40,9 +40,8 @@ def run(objective: str, seed: int, epochs: int, overrides: dict, out: str) -> di
 
 
 def table(results: list[dict]) -> str:
-    def cell(objective: str | None, split: str, when: str) -> str:
-        rows = [r for r in results if objective is None or r["objective"] == objective]
-        values = [r["eval"][split][when] for r in rows]
+    def cell(objective: str, split: str, when: str) -> str:
+        values = [r["eval"][split][when] for r in results if r["objective"] == objective]
         mean = statistics.fmean(v["mean"] for v in values)
         se = statistics.fmean(v["se"] ** 2 for v in values) ** 0.5 / len(values) ** 0.5
         return f"{mean:.3f} ± {se:.3f}"
