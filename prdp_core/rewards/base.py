@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import RewardError
+from ..models import DTYPES
 
 _REGISTRY: dict[str, Callable[..., "Reward"]] = {}
 
@@ -24,8 +25,9 @@ class Reward:
     name: str = "reward"
     batch_size: int = 32
 
-    def __init__(self, device: str | torch.device = "cpu"):
+    def __init__(self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32"):
         self.device = torch.device(device)
+        self.dtype = reward_dtype(dtype)
         self._loaded = False
 
     def load(self) -> None:
@@ -77,6 +79,15 @@ def _as_scores(out, expected: int, name: str) -> torch.Tensor:
     return values
 
 
+def reward_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The weight dtype of a model reward from its config name (fp32, fp16, bf16) or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise RewardError(f"reward dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    return DTYPES[dtype]
+
+
 def register_reward(name: str):
     """Decorator: make a Reward subclass (or factory) available under `name`."""
     def wrap(factory):
@@ -89,10 +100,10 @@ def reward_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_reward(name: str, device: str | torch.device = "cpu") -> Reward:
+def create_reward(name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32") -> Reward:
     """A reward by registered name, or a custom scorer given as `module:function` or `path/to/file.py:function`."""
     if name in _REGISTRY:
-        return _REGISTRY[name](device=device)
+        return _REGISTRY[name](device=device, dtype=dtype)
     if ":" in name:
         from .custom import CallableReward
         return CallableReward.from_spec(name, device=device)
@@ -105,11 +116,12 @@ def create_reward(name: str, device: str | torch.device = "cpu") -> Reward:
 class RewardMix:
     """A weighted sum of rewards; keeps every component's raw scores for logging."""
 
-    def __init__(self, weights: dict[str, float], device: str | torch.device = "cpu"):
+    def __init__(self, weights: dict[str, float], device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype = "fp32"):
         if not weights:
             raise RewardError("the reward mix is empty; name at least one reward.")
         self.weights = dict(weights)
-        self.rewards = {name: create_reward(name, device=device) for name in weights}
+        self.rewards = {name: create_reward(name, device=device, dtype=dtype) for name in weights}
 
     def score(self, images: list, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         components = {name: reward.score(images, prompts) for name, reward in self.rewards.items()}
