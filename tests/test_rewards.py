@@ -94,3 +94,31 @@ def test_unknown_reward_names_the_closest_and_the_choices():
         create_reward("no_such_module_xyz:score")
     with pytest.raises(RewardError, match="has no function"):
         create_reward("json:no_such_function")
+
+
+def test_reward_options_reach_the_reward_and_unknown_ones_are_named():
+    from prdp_core.rewards.base import _REGISTRY
+
+    class Scaled(Reward):
+        name = "scaled_test"
+
+        def __init__(self, device="cpu", dtype="fp32", factor: float = 1.0):
+            super().__init__(device=device, dtype=dtype)
+            self.factor = factor
+
+        def score_batch(self, images, prompts):
+            return [self.factor] * len(images)
+
+    _REGISTRY["scaled_test"] = Scaled
+    try:
+        mix = RewardMix({"scaled_test": 1.0}, dtype="bf16", options={"scaled_test": {"factor": 3.0}})
+        assert mix.rewards["scaled_test"].dtype == torch.bfloat16
+        assert mix.score(_images(), ["", ""])[0].tolist() == [3.0, 3.0]
+        with pytest.raises(RewardError, match="has no option 'facter'; its options: factor"):
+            create_reward("scaled_test", options={"facter": 2})
+        with pytest.raises(RewardError, match="not in the reward mix"):
+            RewardMix({"scaled_test": 1.0}, options={"jpeg_compressibility": {}})
+        with pytest.raises(RewardError, match="reward dtype must be one of"):
+            create_reward("scaled_test", dtype="fp8")
+    finally:
+        del _REGISTRY["scaled_test"]

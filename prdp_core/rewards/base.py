@@ -7,8 +7,9 @@ Model-based rewards load their weights on first use (`load`), so naming a reward
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -100,11 +101,22 @@ def reward_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_reward(name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32") -> Reward:
-    """A reward by registered name, or a custom scorer given as `module:function` or `path/to/file.py:function`."""
+def create_reward(name: str, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32",
+                  options: dict[str, Any] | None = None) -> Reward:
+    """A reward by registered name, or a custom scorer given as `module:function` or `path/to/file.py:function`.
+    `options` are the reward's own keyword settings (e.g. where its weights are)."""
+    options = dict(options or {})
     if name in _REGISTRY:
-        return _REGISTRY[name](device=device, dtype=dtype)
+        factory = _REGISTRY[name]
+        accepted = set(inspect.signature(factory).parameters) - {"self", "device", "dtype"}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            allowed = ", ".join(sorted(accepted)) or "none"
+            raise RewardError(f"reward {name!r} has no option {unknown[0]!r}; its options: {allowed}.")
+        return factory(device=device, dtype=dtype, **options)
     if ":" in name:
+        if options:
+            raise RewardError(f"custom reward {name!r} takes no options; read settings inside your function.")
         from .custom import CallableReward
         return CallableReward.from_spec(name, device=device)
     close = difflib.get_close_matches(name, reward_names(), n=1)
@@ -117,11 +129,17 @@ class RewardMix:
     """A weighted sum of rewards; keeps every component's raw scores for logging."""
 
     def __init__(self, weights: dict[str, float], device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "fp32"):
+                 dtype: str | torch.dtype = "fp32", options: dict[str, dict[str, Any]] | None = None):
         if not weights:
             raise RewardError("the reward mix is empty; name at least one reward.")
+        options = options or {}
+        stray = sorted(set(options) - set(weights))
+        if stray:
+            raise RewardError(f"reward options given for {stray[0]!r}, which is not in the reward mix "
+                              f"({', '.join(weights)}).")
         self.weights = dict(weights)
-        self.rewards = {name: create_reward(name, device=device, dtype=dtype) for name in weights}
+        self.rewards = {name: create_reward(name, device=device, dtype=dtype, options=options.get(name))
+                        for name in weights}
 
     def score(self, images: list, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         components = {name: reward.score(images, prompts) for name, reward in self.rewards.items()}
