@@ -1,4 +1,4 @@
-"""`prdp`: the command-line face of the engine (train, export, sample, score).
+"""`prdp`: the command-line face of the engine (train, export, sample, score, reward-server).
 
 Training flags are generated from TrainConfig, so the CLI, the Gradio tab and the ComfyUI nodes share one set of
 names, defaults and help texts.
@@ -30,7 +30,7 @@ Ctrl-C stops cleanly: the last finished epoch is exported and can be resumed."""
 
 # Flags whose names differ from their config field, or that take a special form.
 _RENAMED = {"output_dir": "--out"}
-_SPECIAL = {"rewards"}
+_SPECIAL = {"rewards", "reward_options"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--reward", action="append", metavar="NAME[=WEIGHT]", dest="reward",
                        help="A reward and its weight (default 1), repeatable: --reward jpeg_compressibility=1 "
                             "--reward mymodule:score=0.5.")
+    train.add_argument("--reward-option", action="append", metavar="NAME.KEY=VALUE", dest="reward_option",
+                       help="A setting of one reward in the mix, repeatable: --reward-option "
+                            "http.url=http://127.0.0.1:8765 --reward-option http.timeout=30 (VALUE is read as JSON "
+                            "if it parses, else as text; merged into the config file's reward_options).")
     train.add_argument("--save-config", metavar="FILE", help="Write the resolved config to FILE and exit.")
     train.add_argument("--quiet", action="store_true", help="No progress bar, only the final summary.")
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -125,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "row per image and the mean.")
     score.add_argument("--reward", action="append", required=True, metavar="NAME[=WEIGHT]",
                        help="A reward and its weight, repeatable.")
+    score.add_argument("--reward-option", action="append", metavar="NAME.KEY=VALUE", dest="reward_option",
+                       help="A setting of one reward (as for train), repeatable.")
+    score.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                       help="Weight dtype of model-based rewards (default fp32).")
     score.add_argument("--images", nargs="+", required=True, metavar="PATH", help="Image files or folders.")
     score.add_argument("--prompt", help="One prompt for every image.")
     score.add_argument("--prompts", metavar="FILE", help="One prompt per line, in the sorted order of the images. "
@@ -132,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--format", choices=("csv", "json"), default="csv")
     score.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     score.set_defaults(func=cmd_score)
+
+    server = commands.add_parser(
+        "reward-server", help="Serve one reward over HTTP, for the http reward of another machine or environment.",
+        description='Serve a reward model over HTTP: POST {"images": [base64 PNG, ...], "prompts": [...]} answers '
+        '{"scores": [...]}; GET /health answers the reward name. Train against it with --reward http '
+        '--reward-option http.url=http://HOST:PORT.')
+    server.add_argument("--reward", required=True, metavar="NAME", help="A registered reward or module:function.")
+    server.add_argument("--reward-option", action="append", metavar="KEY=VALUE", dest="reward_option",
+                        help="A setting of the reward, repeatable (VALUE read as JSON if it parses, else as text).")
+    server.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1, this machine "
+                        "only; the server has no authentication).")
+    server.add_argument("--port", type=int, default=8765, help="Port (default 8765).")
+    server.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    server.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                        help="Weight dtype of a model-based reward (default fp32).")
+    server.set_defaults(func=cmd_reward_server)
     return parser
 
 
@@ -151,18 +175,47 @@ def parse_reward_flags(flags: list[str]) -> dict[str, float]:
     return rewards
 
 
+def parse_reward_option_flags(flags: list[str]) -> dict[str, dict]:
+    """NAME.KEY=VALUE items as {name: {key: value}}; VALUE is JSON if it parses (30, true, [1, 2]), else text."""
+    options: dict[str, dict] = {}
+    for item in flags:
+        target, sep, text = item.partition("=")
+        name, dot, key = target.rpartition(".")
+        if not (sep and dot and name.strip() and key.strip()):
+            raise ConfigError(f"--reward-option {item!r} must look like NAME.KEY=VALUE, e.g. "
+                              f"--reward-option http.url=http://127.0.0.1:8765.")
+        options.setdefault(name.strip(), {})[key.strip()] = _option_value(text)
+    return options
+
+
+def _option_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def _overrides(args) -> dict:
     names = {f.name for f in config_fields()}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     if args.reward:
         values["rewards"] = parse_reward_flags(args.reward)
+    if args.reward_option:
+        values["reward_options"] = parse_reward_option_flags(args.reward_option)
     return values
 
 
 def resolve_train_config(args) -> TrainConfig:
     config = TrainConfig.load(args.config) if args.config else TrainConfig()
     data = config.to_dict()
-    data.update(_overrides(args))
+    overrides = _overrides(args)
+    flag_options = overrides.pop("reward_options", {})
+    data.update(overrides)
+    # The file's options still apply to the rewards that stay in the mix; flags add to them, key by key.
+    options = {name: dict(opts) for name, opts in data["reward_options"].items() if name in data["rewards"]}
+    for name, opts in flag_options.items():
+        options.setdefault(name, {}).update(opts)
+    data["reward_options"] = options
     return TrainConfig.from_dict(data, source="flags")
 
 
@@ -355,7 +408,8 @@ def cmd_score(args) -> int:
     else:
         prompts = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() if p.with_suffix(".txt").is_file() else ""
                    for p in files]
-    mix = RewardMix(parse_reward_flags(args.reward), device=resolve_device(args.device))
+    mix = RewardMix(parse_reward_flags(args.reward), device=resolve_device(args.device), dtype=args.dtype,
+                    options=parse_reward_option_flags(args.reward_option or []))
     images = []
     for path in files:
         try:
@@ -379,6 +433,23 @@ def cmd_score(args) -> int:
 
 def _csv(text: str) -> str:
     return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+# ------------------------------------------------------------------------------------------------ reward-server
+def cmd_reward_server(args) -> int:
+    from .models import resolve_device
+    from .reward_server import serve
+    from .rewards import create_reward
+
+    options = {}
+    for item in args.reward_option or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--reward-option {item!r} must look like KEY=VALUE, e.g. --reward-option timeout=30.")
+        options[key.strip()] = _option_value(text)
+    reward = create_reward(args.reward, device=resolve_device(args.device), dtype=args.dtype, options=options)
+    serve(reward, args.host, args.port)
+    return 0
 
 
 if __name__ == "__main__":

@@ -51,6 +51,17 @@ class TrainConfig:
     rewards: dict = _field({"jpeg_compressibility": 1.0}, "Reward mix {name: weight}; on the CLI --reward "
                            "NAME[=WEIGHT], repeatable. Names: see `prdp score --help`, or module:function.",
                            "reward")
+    reward_options: dict = _field({}, "Settings of the rewards in the mix {name: {option: value}}, e.g. a weight "
+                                  "file or a server address; on the CLI --reward-option NAME.KEY=VALUE, "
+                                  "repeatable (VALUE is read as JSON if it parses, else as text).", "reward")
+    reward_dtype: str = _field("fp32", "Weight dtype of model-based rewards (fp16/bf16 halve their memory on a "
+                               "GPU).", "reward", choices=("fp32", "fp16", "bf16"))
+    reward_normalization: str = _field(
+        "none", "none: the mix is the weighted sum of raw scores. batch_zscore: each reward is z-scored within the "
+        "epoch's samples before weighting, so the weights compare rewards of different scales and reward "
+        "differences are in standard deviations: beta then means the same whatever the rewards' raw units "
+        "(retune it when switching). Evaluations always report the raw weighted sum, comparable across epochs "
+        "and runs.", "reward", choices=("none", "batch_zscore"))
     # --- the objective
     objective: str = _field("prdp", "Objective: prdp (this project) or ddpo (PPO-clip baseline).", "objective",
                             choices=("prdp", "ddpo"))
@@ -162,6 +173,14 @@ class TrainConfig:
                     or not math.isfinite(weight):
                 raise ConfigError(f"rewards must map reward names to finite weights, got {name!r}: {weight!r}.")
         self.rewards = {name: float(weight) for name, weight in self.rewards.items()}
+        for name, options in self.reward_options.items():
+            if name not in self.rewards:
+                raise ConfigError(f"reward_options names {name!r}, which is not in the reward mix "
+                                  f"({', '.join(self.rewards)}); add it with --reward {name} or drop its options.")
+            if not isinstance(options, dict) or not all(isinstance(k, str) and _is_option_value(v)
+                                                        for k, v in options.items()):
+                raise ConfigError(f"reward_options.{name} must map option names to strings, numbers, booleans or "
+                                  f"lists of them, got {options!r}.")
         if not self.lora_targets or not all(isinstance(t, str) and t for t in self.lora_targets):
             raise ConfigError("lora_targets must be a non-empty list of module names, e.g. to_q,to_k,to_v,to_out.0.")
         for name in ("run_name", "lora_name"):
@@ -208,6 +227,13 @@ _FIELD_TYPES = {f.name: _FIELD_TYPES[f.type] for f in dataclasses.fields(TrainCo
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "a table", list: "a list"}
 
 
+def _is_option_value(value: Any) -> bool:
+    """What a reward option may hold: what TOML and JSON both write (no nested tables, no null)."""
+    if isinstance(value, list):
+        return all(_is_option_value(v) for v in value)
+    return isinstance(value, (str, int, float, bool))
+
+
 def config_fields() -> list[dataclasses.Field]:
     """The fields in declaration order, for faces that generate flags or widgets."""
     return list(dataclasses.fields(TrainConfig))
@@ -227,7 +253,7 @@ def check_file_name(name: str, what: str, allow_empty: bool = False) -> str:
 
 
 def to_toml(data: dict[str, Any]) -> str:
-    """Serialise the flat config (scalars, lists of scalars, one-level tables) as TOML."""
+    """Serialise the flat config (scalars, lists of scalars, tables whose values may be inline tables) as TOML."""
     scalars, tables = [], []
     for key, value in data.items():
         if isinstance(value, dict):
@@ -251,4 +277,6 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)  # JSON string escapes are valid TOML basic strings
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # e.g. one reward's options inside [reward_options]
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -68,7 +68,8 @@ class Trainer:
         if config.eval_prompts:
             self.eval_sets["unseen"] = _spread(load_prompts(config.eval_prompts), config.eval_max_prompts)
         self.device = resolve_device(config.device)
-        self.reward_mix = RewardMix(config.rewards, device=self.device)
+        self.reward_mix = RewardMix(config.rewards, device=self.device, dtype=config.reward_dtype,
+                                    options=config.reward_options, normalization=config.reward_normalization)
         self.objective = make_objective(config)
         # The noisiest steps come first; the objective sees log-probs of the first `trained_steps` of them.
         self.trained_steps = max(1, math.ceil(config.train_step_fraction * config.num_steps - 1e-9))
@@ -198,8 +199,9 @@ class Trainer:
 
         tick = time.perf_counter()
         per_image_prompts = [p for p in prompts for _ in range(config.images_per_prompt)]
-        total, components = self.reward_mix.score(images, per_image_prompts)
-        rewards = total.view(len(prompts), config.images_per_prompt)
+        signal, components = self.reward_mix.score(images, per_image_prompts)
+        rewards = signal.view(len(prompts), config.images_per_prompt)  # what the objective learns from
+        total = self.reward_mix.combine(components, normalize=False)  # what is logged: comparable across epochs
         timings["reward"] = time.perf_counter() - tick
         self._emit_samples(number, prompts, images, total, components)
 
@@ -325,7 +327,9 @@ class Trainer:
         for index, (name, prompts) in enumerate(self.eval_sets.items()):
             _, images, _ = self._sample(prompts, count, (self.config.seed, _EVAL_KEY, index), self.epoch,
                                         f"eval {name}")
-            total, components = self.reward_mix.score(images, [p for p in prompts for _ in range(count)])
+            # raw scores: z-scoring each evaluation by itself would make before and after incomparable
+            total, components = self.reward_mix.score(images, [p for p in prompts for _ in range(count)],
+                                                      normalize=False)
             results[name] = {"mean": total.mean().item(), "se": _standard_error(total), "n": total.numel(),
                              "scores": total.tolist(),
                              "components": {c: {"mean": s.mean().item(), "se": _standard_error(s)}
@@ -463,7 +467,17 @@ def _shareable(config: dict) -> dict:
             shared[key] = Path(shared[key]).name
     shared["rewards"] = {Path(name).name if "/" in name or "\\" in name else name: weight
                          for name, weight in shared["rewards"].items()}
+    shared["reward_options"] = {name: {key: _shareable_option(value) for key, value in options.items()}
+                                for name, options in shared["reward_options"].items()}
     return shared
+
+
+def _shareable_option(value):
+    if isinstance(value, str) and "://" in value:
+        return "<url>"  # a reward server's address may name a private host or carry an access token
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return Path(value).name
+    return value
 
 
 def _epoch_of(line: str) -> float:

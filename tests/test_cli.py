@@ -10,6 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from prdp_core import TrainConfig
+from prdp_core.errors import ConfigError
 from prdp_core.cli import build_parser, main, parse_reward_flags, resolve_train_config
 
 TINY = ["--epochs", "1", "--num-steps", "2", "--prompts-per-epoch", "1", "--images-per-prompt", "2",
@@ -129,3 +130,97 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--beta", "2"]) == 2
     line = _error_line(capsys)
     assert "only epochs, batch_size" in line and "not beta" in line
+
+
+def test_reward_option_flags_merge_into_the_config_file_and_are_validated(tmp_path, capsys):
+    from prdp_core.cli import parse_reward_option_flags
+
+    assert parse_reward_option_flags(["http.url=http://h:1/a=b", "http.timeout=2.5", "hps.fp16=true",
+                                      "my.mod:fn.tags=[1, \"x\"]"]) == {
+        "http": {"url": "http://h:1/a=b", "timeout": 2.5}, "hps": {"fp16": True}, "my.mod:fn": {"tags": [1, "x"]}}
+    for bad in ("http=1", "url=http://h", ".url=x", "http.url"):
+        with pytest.raises(ConfigError, match="must look like NAME.KEY=VALUE"):
+            parse_reward_option_flags([bad])
+
+    TrainConfig(rewards={"http": 1.0, "jpeg_compressibility": 1.0}, reward_options={
+        "http": {"url": "http://a:1", "retries": 1}}).save(tmp_path / "run.toml")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.toml"), "--reward-option",
+                                      "http.url=http://b:2", "--reward-dtype", "bf16",
+                                      "--reward-normalization", "batch_zscore"])
+    resolved = resolve_train_config(args)
+    assert resolved.reward_options == {"http": {"url": "http://b:2", "retries": 1}}  # merged key by key
+    assert (resolved.reward_dtype, resolved.reward_normalization) == ("bf16", "batch_zscore")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.toml"), "--reward",
+                                      "jpeg_compressibility"])
+    assert resolve_train_config(args).reward_options == {}  # a new mix drops the options of rewards it left out
+
+    with pytest.raises(ConfigError, match="reward_options names 'http', which is not in the reward mix"):
+        TrainConfig(reward_options={"http": {"url": "x"}}).validate()
+    with pytest.raises(ConfigError, match="reward_options.http must map option names to strings"):
+        TrainConfig(rewards={"http": 1.0}, reward_options={"http": {"url": None}}).validate()
+    assert main(["train", "--reward", "http", "--reward-option", "http.timeout=5", *TINY]) == 2
+    assert "needs its server's address as option url" in _error_line(capsys)
+
+
+def test_score_reads_prompts_file_and_reward_options_and_prints_components(tmp_path, capsys):
+    import threading
+
+    from PIL import Image
+
+    from prdp_core.reward_server import RewardServer
+    from prdp_core.rewards import Reward
+    from prdp_core.rewards.jpeg import jpeg_size_kb
+
+    class PromptLength(Reward):
+        name = "prompt_length"
+
+        def score_batch(self, images, prompts):
+            return [len(p) for p in prompts]
+
+    server = RewardServer(PromptLength(), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    images = tmp_path / "images"
+    images.mkdir()
+    colours = {"b.png": (0, 0, 0), "a.png": (255, 0, 0)}
+    for name, colour in colours.items():
+        Image.new("RGB", (16, 16), colour).save(images / name)
+    (tmp_path / "prompts.txt").write_text("# sorted order: a.png, b.png\na red square\nblack\n")
+    try:
+        assert main(["score", "--images", str(images), "--prompts", str(tmp_path / "prompts.txt"), "--reward",
+                     "jpeg_compressibility=2", "--reward", "http=0.5", "--reward-option",
+                     f"http.url=http://127.0.0.1:{server.server_address[1]}", "--format", "json"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = json.loads(capsys.readouterr().out)
+    assert out["reward"] == "2*jpeg_compressibility + 0.5*http"
+    rows = out["images"]
+    assert [Path(r["image"]).name for r in rows] == ["a.png", "b.png"]
+    assert [r["http"] for r in rows] == [len("a red square"), len("black")]
+    for row in rows:
+        size = jpeg_size_kb(Image.open(row["image"]))
+        assert row["jpeg_compressibility"] == pytest.approx(-size, rel=1e-6)
+        assert row["total"] == pytest.approx(2 * row["jpeg_compressibility"] + 0.5 * row["http"], rel=1e-6)
+    assert out["mean"]["http"] == pytest.approx(8.5) and set(out["mean"]) == {"total", "jpeg_compressibility", "http"}
+
+    (tmp_path / "one.txt").write_text("only one\n")
+    assert main(["score", "--images", str(images), "--prompts", str(tmp_path / "one.txt"), "--reward",
+                 "jpeg_compressibility"]) == 2
+    assert "has 1 prompts for 2 images" in _error_line(capsys)
+
+
+def test_reward_server_command_warns_when_reachable_from_other_machines(monkeypatch, capsys):
+    from prdp_core.reward_server import RewardServer
+
+    served = []
+    monkeypatch.setattr(RewardServer, "serve_forever", lambda self: served.append(self.reward))
+    assert main(["reward-server", "--reward", "jpeg_compressibility", "--host", "0.0.0.0", "--port", "0",
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert served[0].name == "jpeg_compressibility"
+    assert captured.err.startswith("warning: listening on 0.0.0.0: anyone who can reach port")
+    assert "serving reward 'jpeg_compressibility' at http://0.0.0.0:" in captured.out
+    assert main(["reward-server", "--reward", "jpeg_compressibility", "--port", "0"]) == 0
+    assert "warning" not in capsys.readouterr().err  # 127.0.0.1 by default
+    assert main(["reward-server", "--reward", "jpeg_compressibility", "--reward-option", "quality=90"]) == 2
+    assert "has no option 'quality'" in _error_line(capsys)

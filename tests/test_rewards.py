@@ -122,3 +122,48 @@ def test_reward_options_reach_the_reward_and_unknown_ones_are_named():
             create_reward("scaled_test", dtype="fp8")
     finally:
         del _REGISTRY["scaled_test"]
+
+
+def test_batch_zscore_mix_equals_hand_computation_and_keeps_raw_components():
+    from prdp_core.rewards.base import _REGISTRY, batch_zscore
+
+    class Constant(Reward):
+        name = "constant_test"
+
+        def score_batch(self, images, prompts):
+            return [0.1] * len(images)  # float rounding makes its std tiny, not zero: it must still count as zero
+
+    _REGISTRY["constant_test"] = Constant
+    try:
+        images = _images() + [Image.new("RGB", (64, 64), (0, 0, 0))]
+        mix = RewardMix({"jpeg_compressibility": 2.0, "constant_test": 5.0}, normalization="batch_zscore")
+        total, components = mix.score(images, ["", "", ""])
+    finally:
+        del _REGISTRY["constant_test"]
+    raw = -torch.tensor([_jpeg_kb(im) for im in images])
+    mean, std = raw.mean(), ((raw - raw.mean()) ** 2).sum().div(len(raw) - 1).sqrt()
+    assert torch.allclose(total, 2.0 * (raw - mean) / std, atol=1e-5)
+    assert torch.allclose(components["jpeg_compressibility"], raw)  # logged raw, as scored
+    assert torch.equal(components["constant_test"], torch.full((3,), 0.1))
+    assert torch.allclose(mix.combine(components, normalize=False), 2.0 * raw + 0.5, atol=1e-5)
+    assert torch.equal(batch_zscore(torch.tensor([3.0])), torch.zeros(1))  # one score: nothing to compare
+    with pytest.raises(RewardError, match="normalization must be one of none, batch_zscore"):
+        RewardMix({"jpeg_compressibility": 1.0}, normalization="rank")
+
+
+def test_training_learns_from_zscores_but_logs_and_evaluates_raw_sums(set_up_trainer, monkeypatch):
+    trainer = set_up_trainer(rewards={"jpeg_compressibility": 2.0}, reward_normalization="batch_zscore")
+    results, _ = trainer._evaluate("before")
+    seen = results["seen"]
+    assert seen["mean"] == pytest.approx(2.0 * seen["components"]["jpeg_compressibility"]["mean"], rel=1e-5)
+    assert seen["mean"] < -0.1  # raw kB, not a z-score mean of 0: comparable before and after training
+
+    seen_by_objective = []
+    loss = trainer.objective.loss
+    monkeypatch.setattr(trainer.objective, "loss", lambda lp, batch: seen_by_objective.append(batch.rewards) or
+                        loss(lp, batch))
+    metrics = trainer._train_epoch(0)
+    learned = seen_by_objective[0].flatten()
+    assert learned.mean().abs() < 1e-5 and learned.std() == pytest.approx(2.0, rel=1e-4)  # 2 * z-scores
+    assert metrics["reward_mean"] == pytest.approx(2.0 * metrics["rewards"]["jpeg_compressibility"]["mean"], rel=1e-5)
+    assert metrics["rewards"]["jpeg_compressibility"]["std"] > 0

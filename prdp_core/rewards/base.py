@@ -37,19 +37,24 @@ class Reward:
     def score_batch(self, images: list, prompts: list[str]) -> Sequence[float] | torch.Tensor | np.ndarray:
         raise NotImplementedError
 
+    def ensure_loaded(self) -> None:
+        """Load the weights now unless already loaded (a server loads before its first request)."""
+        if self._loaded:
+            return
+        try:
+            self.load()
+        except RewardError:
+            raise
+        except Exception as exc:  # a scorer's own failure: name the reward, keep the cause
+            raise RewardError(f"reward {self.name!r} failed to load: {type(exc).__name__}: {exc}.") from exc
+        self._loaded = True
+
     def score(self, images: list, prompts: Sequence[str]) -> torch.Tensor:
         """Scores [n] (fp32, CPU) for PIL images and their prompts, batched; raises RewardError when the scorer
         fails or returns the wrong count or non-finite values."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        if not self._loaded:
-            try:
-                self.load()
-            except RewardError:
-                raise
-            except Exception as exc:  # a scorer's own failure: name the reward, keep the cause
-                raise RewardError(f"reward {self.name!r} failed to load: {type(exc).__name__}: {exc}.") from exc
-            self._loaded = True
+        self.ensure_loaded()
         scores = []
         for start in range(0, len(images), self.batch_size):
             batch_images, batch_prompts = images[start:start + self.batch_size], list(prompts[start:start + self.batch_size])
@@ -125,13 +130,24 @@ def create_reward(name: str, device: str | torch.device = "cpu", dtype: str | to
                       f"scorer as module:function.")
 
 
+NORMALIZATIONS = ("none", "batch_zscore")
+
+
 class RewardMix:
-    """A weighted sum of rewards; keeps every component's raw scores for logging."""
+    """A weighted sum of rewards; keeps every component's raw scores for logging.
+
+    With normalization="batch_zscore" each component is z-scored within the scored batch before weighting, so
+    the weights (and PRDP's beta) act on standard deviations instead of each reward's raw scale."""
 
     def __init__(self, weights: dict[str, float], device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "fp32", options: dict[str, dict[str, Any]] | None = None):
+                 dtype: str | torch.dtype = "fp32", options: dict[str, dict[str, Any]] | None = None,
+                 normalization: str = "none"):
         if not weights:
             raise RewardError("the reward mix is empty; name at least one reward.")
+        if normalization not in NORMALIZATIONS:
+            raise RewardError(f"reward normalization must be one of {', '.join(NORMALIZATIONS)}, got "
+                              f"{normalization!r}.")
+        self.normalization = normalization
         options = options or {}
         stray = sorted(set(options) - set(weights))
         if stray:
@@ -141,13 +157,30 @@ class RewardMix:
         self.rewards = {name: create_reward(name, device=device, dtype=dtype, options=options.get(name))
                         for name in weights}
 
-    def score(self, images: list, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score(self, images: list, prompts: Sequence[str], normalize: bool = True
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total, raw component scores). `normalize=False` gives the raw weighted sum whatever the mix's
+        normalization: evaluations use it, since z-scores of different batches are not comparable."""
         components = {name: reward.score(images, prompts) for name, reward in self.rewards.items()}
-        total = sum(self.weights[name] * scores for name, scores in components.items())
-        return total, components
+        return self.combine(components, normalize), components
+
+    def combine(self, components: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
+        """The weighted sum of raw component scores, each z-scored first if the mix normalizes."""
+        zscore = normalize and self.normalization == "batch_zscore"
+        return sum(self.weights[name] * (batch_zscore(scores) if zscore else scores)
+                   for name, scores in components.items())
 
     def describe(self) -> str:
         return " + ".join(f"{_fmt(w)}*{name}" for name, w in self.weights.items())
+
+
+def batch_zscore(scores: torch.Tensor) -> torch.Tensor:
+    """(scores - mean) / std within the batch; zeros when there is nothing to compare (one score, or all equal up
+    to float rounding, whose std would otherwise blow rounding noise up to unit scale)."""
+    std = scores.std() if scores.numel() > 1 else scores.new_zeros(())
+    if std <= 1e-6 * scores.abs().max():
+        return torch.zeros_like(scores)
+    return (scores - scores.mean()) / std
 
 
 def _fmt(weight: float) -> str:
