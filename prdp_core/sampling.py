@@ -130,7 +130,7 @@ class Sampler:
 
     def guided_prediction(self, latents: torch.Tensor, timestep, embeds: torch.Tensor,
                           negative: torch.Tensor) -> torch.Tensor:
-        """The guided model output (fp32) for a chunk of latents [m, C, h, w] sharing one prompt embedding."""
+        """The guided model output (fp32) for a chunk of latents [m, C, h, w] and prompt embeddings [m or 1, L, D]."""
         unet = self.pipe.unet
         m = latents.shape[0]
         cond = embeds.expand(m, -1, -1)
@@ -150,9 +150,9 @@ class Sampler:
     @torch.no_grad()
     def sample_chunk(self, embeds: torch.Tensor, negative: torch.Tensor, count: int,
                      generator: torch.Generator | list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample `count` trajectories of one prompt. Returns latents [count, T+1, C, h, w] (x_T .. x_0) and
-        log-probs [count, T]. Consumes `generator` (one, or one per image) exactly as
-        `StableDiffusionPipeline.__call__` does."""
+        """Sample `count` trajectories of one prompt (`embeds` [1, L, D]) or of one prompt each ([count, L, D]).
+        Returns latents [count, T+1, C, h, w] (x_T .. x_0) and log-probs [count, T]. Consumes `generator` (one, or
+        one per image) exactly as `StableDiffusionPipeline.__call__` does."""
         pipe = self.pipe
         side = (self.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
         shape = (count, pipe.unet.config.in_channels, side, side)

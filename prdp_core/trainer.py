@@ -293,17 +293,24 @@ class Trainer:
     def _sample(self, prompts: list[str], count: int, key: tuple, epoch: int, phase: str,
                 keep_trajectory: bool = False) -> tuple[Trajectories | None, list, float]:
         """Sample `count` images per prompt in chunks of batch_size, each image's noise from (key, prompt, image).
-        Returns the trajectories (if kept), the decoded PIL images (prompt-major) and the decode seconds."""
+        Returns the trajectories (if kept), the decoded PIL images (prompt-major) and the decode seconds.
+        Kept trajectories are chunked per prompt (the layout training reads back); otherwise a chunk may span
+        prompts, so evaluating a few images per prompt still runs the UNet on full batches."""
         sampler, size = self.sampler, self.config.batch_size
         embeds, negative = sampler.encode_prompts(prompts)
-        chunks = [(n, start) for n in range(len(prompts)) for start in range(0, count, size)]
+        if keep_trajectory:
+            chunks = [[(n, i) for i in range(start, min(start + size, count))]
+                      for n in range(len(prompts)) for start in range(0, count, size)]
+        else:
+            pairs = [(n, i) for n in range(len(prompts)) for i in range(count)]
+            chunks = [pairs[start:start + size] for start in range(0, len(pairs), size)]
         latents, log_probs, images, decode_s = [], [], [], 0.0
-        for done, (n, start) in enumerate(chunks, 1):
+        for done, chunk in enumerate(chunks, 1):
             self._check_stop()
-            chunk = min(size, count - start)
             # one generator per image: the noise does not depend on how images are batched
-            generators = [chunk_generator(*key, n, i) for i in range(start, start + chunk)]
-            chunk_latents, chunk_log_probs = sampler.sample_chunk(embeds[n:n + 1], negative, chunk, generators)
+            generators = [chunk_generator(*key, n, i) for n, i in chunk]
+            chunk_embeds = embeds[torch.tensor([n for n, _ in chunk], device=embeds.device)]
+            chunk_latents, chunk_log_probs = sampler.sample_chunk(chunk_embeds, negative, len(chunk), generators)
             tick = time.perf_counter()
             images += to_pil(sampler.decode(chunk_latents[:, -1]))
             decode_s += time.perf_counter() - tick
