@@ -106,3 +106,15 @@ def test_toy_alignment_prefers_the_true_caption():
     assert (true > false).float().mean() > 0.95 and true.mean() > -0.5
     with pytest.raises(RewardError, match="toy-world captions"):
         reward.score(images[:1], ["a painting of a cat"])
+
+
+def test_toy_match_is_the_probability_of_shape_and_colour():
+    import torch
+    from prdp_core.rewards import create_reward
+
+    data = dataset("unseen", 40, seed=6)
+    images, captions = [d[0] for d in data], [d[1] for d in data]
+    log_p = create_reward("toy_alignment").score(images, captions)
+    match = create_reward("toy_match").score(images, captions)
+    assert torch.allclose(match, log_p.exp(), rtol=1e-5) and ((match >= 0) & (match <= 1)).all()
+    assert match.mean() > 0.9  # rendered scenes: the classifier reads nearly all of them as captioned

@@ -1,8 +1,11 @@
-"""`toy_alignment`: does the image show the prompt's shape and colour? The toy world's stand-in for PickScore/HPS.
+"""Does the image show the prompt's shape and colour? The toy world's stand-ins for PickScore/HPS.
 
-Score = log p(shape | image) + log p(colour | image) under the small attribute classifier shipped with the
-package (prdp_core/toy/classifier.py), for the scene the toy caption describes: 0 is a certain match, large
-negative values a clear mismatch."""
+Both read the small attribute classifier shipped with the package (prdp_core/toy/classifier.py) for the scene the
+toy caption describes:
+- `toy_alignment` = log p(shape | image) + log p(colour | image): 0 is a certain match, large negative values a
+  clear mismatch (unbounded below, so a few clear misses dominate a batch's spread);
+- `toy_match` = p(shape | image) * p(colour | image), in [0, 1]: its mean over images is about the fraction drawn
+  as prompted, and every miss counts the same (the default run's reward)."""
 
 from __future__ import annotations
 
@@ -38,3 +41,11 @@ class ToyAlignment(Reward):
             index = torch.tensor([HEADS[attribute].index(getattr(s, attribute)) for s in scenes], device=self.device)
             score += torch.log_softmax(logits[attribute].float(), dim=1).gather(1, index[:, None]).squeeze(1)
         return score.cpu()
+
+
+@register_reward("toy_match")
+class ToyMatch(ToyAlignment):
+    name = "toy_match"
+
+    def score_batch(self, images, prompts):
+        return super().score_batch(images, prompts).exp()
