@@ -1,6 +1,6 @@
 """Per-epoch time of each phase and the share of wall time inside UNet calls, as JSON.
 
-    python bench/bench_epoch.py                      # the default config (builtin:tiny model) on this machine
+    python bench/bench_epoch.py                      # the default config (builtin:toy model) on this machine
     python bench/bench_epoch.py --epochs 3 --num-steps 20 --images-per-prompt 8
 
 Phases: sampling (UNet denoising loop), decode (VAE), reward, reference (log-probs under the LoRA-free model),

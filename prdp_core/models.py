@@ -15,8 +15,8 @@ import torch
 
 from .errors import ModelLoadError
 
-# builtin:tiny has random weights (the default, and fast tests of the machinery); builtin:toy is the toy-world
-# model trained by prdp_core.toy.train_model and shipped in the package.
+# builtin:toy (the default) is the toy-world model trained by prdp_core.toy.train_model and shipped in the package;
+# builtin:tiny has random weights (fast tests of the machinery).
 BUILTIN_MODELS = ("builtin:toy", "builtin:tiny")
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "weights" / "model"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
