@@ -50,8 +50,8 @@ def table(results: list[dict]) -> str:
         deltas = [r["eval"][split]["delta"] for objective in ("prdp", "ddpo") for r in results
                   if r["objective"] == objective and r["seed"] == seed for split in ("seen", "unseen")]
         lines.append(f"| {seed} | " + " | ".join(f"{d['mean']:+.3f} ± {d['se']:.3f}" for d in deltas) + " |")
-    return "\n".join(lines) + (f"\n\n({results[0]['reward']}: mean ± standard error; changes are after minus before on the "
-                              f"same seeds; seeds {', '.join(map(str, seeds))})")
+    return "\n".join(lines) + (f"\n\n({results[0]['reward']}: mean ± standard error; changes are after minus "
+                              f"before on the same seeds; seeds {', '.join(map(str, seeds))})")
 
 
 def main() -> None:

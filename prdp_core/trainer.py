@@ -298,12 +298,9 @@ class Trainer:
         prompts, so evaluating a few images per prompt still runs the UNet on full batches."""
         sampler, size = self.sampler, self.config.batch_size
         embeds, negative = sampler.encode_prompts(prompts)
-        if keep_trajectory:
-            chunks = [[(n, i) for i in range(start, min(start + size, count))]
-                      for n in range(len(prompts)) for start in range(0, count, size)]
-        else:
-            pairs = [(n, i) for n in range(len(prompts)) for i in range(count)]
-            chunks = [pairs[start:start + size] for start in range(0, len(pairs), size)]
+        pairs = [(n, i) for n in range(len(prompts)) for i in range(count)]
+        groups = [pairs[n * count:(n + 1) * count] for n in range(len(prompts))] if keep_trajectory else [pairs]
+        chunks = [group[start:start + size] for group in groups for start in range(0, len(group), size)]
         latents, log_probs, images, decode_s = [], [], [], 0.0
         for done, chunk in enumerate(chunks, 1):
             self._check_stop()
