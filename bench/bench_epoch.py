@@ -1,11 +1,18 @@
-"""Per-epoch time of each phase and the share of wall time inside UNet calls, as JSON.
+"""Per-epoch time and peak accelerator memory of each phase, and the share of wall time inside UNet calls, as JSON.
 
     python bench/bench_epoch.py                      # the default config (builtin:toy model) on this machine
     python bench/bench_epoch.py --epochs 3 --num-steps 20 --images-per-prompt 8
+    # real architectures with random weights (no download), on a GPU:
+    python bench/bench_epoch.py --model builtin:random-sd15 --precision fp16 --resolution 512 \
+        --prompts-per-epoch 2 --images-per-prompt 8 --num-steps 50 --train-step-fraction 1 --batch-size 8
+    python bench/bench_epoch.py --model builtin:random-sdxl --precision fp16 --resolution 1024 \
+        --gradient-checkpointing --batch-size 2 ...
 
-Phases: sampling (UNet denoising loop), decode (VAE), reward, reference (log-probs under the LoRA-free model),
-optimization (K updates: no-grad log-prob pass + chunked forward/backward). `unet_share` = seconds inside UNet
-forward/backward calls / total epoch seconds. Not a timed test: run it and quote its output.
+Any `prdp train` flag is accepted. Phases: sampling (UNet denoising loop), decode (VAE), reward, reference (log-probs
+under the LoRA-free model), optimization (K updates: no-grad log-prob pass + chunked forward/backward). `unet_share`
+= seconds inside UNet forward/backward calls / total epoch seconds; `peak_memory_gib` = peak allocated memory per
+phase (CUDA only), the largest of them as `peak_memory_gib_max`. Evaluation is cut to one image unless flags ask for
+more. Not a timed test: run it and quote its output.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -33,28 +41,44 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warmup", type=int, default=1, help="Epochs excluded from the medians (first-call costs).")
     args, train_flags = parser.parse_known_args(argv)
-    defaults = ["--epochs", "4"]
+    defaults = ["--epochs", "4", "--eval-prompts", "", "--eval-max-prompts", "1", "--eval-images-per-prompt", "1"]
     train_args = build_parser().parse_args(["train", *defaults, *train_flags])
     config: TrainConfig = resolve_train_config(train_args)
     with tempfile.TemporaryDirectory() as tmp:
         config.output_dir = tmp
-        epochs = []
-        trainer = Trainer(config, lambda e: epochs.append(e.metrics["timings"]) if e.kind == "EpochEnd" else None)
+        epochs, peaks = [], []
+
+        def on_event(event):
+            if event.kind == "EpochEnd":
+                epochs.append(event.metrics["timings"])
+                peaks.append(event.metrics.get("peak_memory_gib", {}))
+        started = time.perf_counter()
+        trainer = Trainer(config, on_event)
         trainer.run()
+        run_s = time.perf_counter() - started
     measured = epochs[args.warmup:] or epochs
     median = {phase: statistics.median(e[phase] for e in measured) for phase in PHASES}
+    peak = {phase: max(p[phase] for p in peaks) for phase in peaks[0]} if peaks and peaks[0] else {}
+    device = trainer.device
     result = {
-        "device": str(trainer.device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "model": config.model,
         "settings": {k: getattr(config, k) for k in ("prompts_per_epoch", "images_per_prompt", "num_steps",
-                                                      "updates_per_epoch", "batch_size", "guidance_scale", "objective",
-                                                      "lora_rank")},
+                                                      "train_step_fraction", "updates_per_epoch", "batch_size",
+                                                      "guidance_scale", "objective", "lora_rank", "lora_targets",
+                                                      "precision", "gradient_checkpointing", "vae_tiling",
+                                                      "offload_models")},
+        "resolution": trainer.sampler.side,
+        "lora_modules": len(trainer.lora_modules),
+        "run_s": round(run_s, 1),
         "epochs_measured": len(measured),
         "median_epoch_s": {k: round(v, 4) for k, v in median.items()},
         "unet_share": round(median["unet"] / median["total"], 4),
+        "peak_memory_gib": {k: round(v, 3) for k, v in peak.items()},
+        "peak_memory_gib_max": round(max(peak.values()), 3) if peak else None,
         "per_epoch_s": [{k: round(e[k], 4) for k in PHASES} for e in epochs],
     }
     json.dump(result, sys.stdout, indent=2)

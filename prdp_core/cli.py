@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import TrainConfig, config_fields, field_type
+from .config import LOW_VRAM, TrainConfig, config_fields, field_type
 from .errors import ConfigError, PrdpError
 
 TRAIN_EPILOG = """examples:
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "if it parses, else as text; merged into the config file's reward_options).")
     train.add_argument("--save-config", metavar="FILE", help="Write the resolved config to FILE and exit.")
     train.add_argument("--quiet", action="store_true", help="No progress bar, only the final summary.")
+    train.add_argument("--low-vram", action="store_true",
+                       help="Preset for 8 GB GPUs: " + ", ".join(f"{k}={v}" for k, v in LOW_VRAM.items()) +
+                       " (flags given beside it win).")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in config_fields():
         if f.name in _SPECIAL:
@@ -87,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         flag = _RENAMED.get(f.name, "--" + f.name.replace("_", "-"))
         kind = field_type(f.name)
         extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction,
+                               help=f"{f.metadata['help']} (default: {'on' if f.default else 'off'})")
+            continue
         if kind is list:
             extra["type"] = lambda text: [t.strip() for t in text.split(",") if t.strip()]
             metavar = "A,B,..."
@@ -106,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("kohya", "diffusers"), default="kohya",
                         help="kohya loads in ComfyUI, A1111/Forge and diffusers (default); diffusers loads only there.")
     export.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="Tensor precision.")
+    export.add_argument("--name", help="Display name (ss_output_name, modelspec.title); default: the file name.")
+    export.add_argument("--a1111-sidecar", action="store_true",
+                        help="Also write A1111's card metadata <name>.json (sd version, reward mix) beside the file.")
+    export.add_argument("--preview", metavar="IMAGE", help="An image to write as A1111's card thumbnail "
+                        "<name>.preview.png.")
     export.set_defaults(func=cmd_export)
 
     sample = commands.add_parser("sample", help="Generate images with and without a LoRA on fixed seeds.",
@@ -208,6 +220,8 @@ def _overrides(args) -> dict:
 def resolve_train_config(args) -> TrainConfig:
     config = TrainConfig.load(args.config) if args.config else TrainConfig()
     data = config.to_dict()
+    if getattr(args, "low_vram", False):
+        data.update(LOW_VRAM)
     overrides = _overrides(args)
     flag_options = overrides.pop("reward_options", {})
     data.update(overrides)
@@ -321,7 +335,17 @@ class _Reporter:
 def cmd_export(args) -> int:
     from .export import export_lora
 
-    path = export_lora(args.run_dir, args.out, format=args.format, dtype=args.dtype)
+    preview = None
+    if args.preview:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            preview = Image.open(args.preview)
+            preview.load()
+        except (OSError, UnidentifiedImageError):
+            raise ConfigError(f"--preview {args.preview} is not a readable image; pass a .png or .jpg file.") from None
+    path = export_lora(args.run_dir, args.out, format=args.format, dtype=args.dtype, name=args.name,
+                       sidecar=args.a1111_sidecar, preview=preview)
     print(f"LoRA written to {path}")
     return 0
 

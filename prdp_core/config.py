@@ -42,8 +42,14 @@ def _field(default, help: str, group: str, choices: tuple | None = None, **kwarg
 class TrainConfig:
     # --- what to train on
     model: str = _field("builtin:toy", "Base model: a builtin name (builtin:toy, the shipped toy-world model; "
-                        "builtin:tiny, random weights), a hub id, a local diffusers folder, or a single-file "
+                        "builtin:tiny and builtin:tiny-xl, random weights in SD1 and SDXL shapes), a hub id, a local diffusers folder, or a single-file "
                         ".safetensors/.ckpt checkpoint.", "model")
+    vae: str = _field("", "A separate VAE file (.safetensors, e.g. from A1111's models/VAE) used instead of the "
+                      "model's own; empty: the model's.", "model")
+    prediction_type: str = _field("auto", "What the model's UNet predicts; auto reads it from the model (a "
+                                  "single-file SD2 checkpoint counts as v-prediction unless an A1111 <name>.yaml "
+                                  "beside it says otherwise).", "model",
+                                  choices=("auto", "epsilon", "v_prediction"))
     prompts: str = _field("builtin:toy_train", "Training prompts: a .txt file (one per line, # comments), a .json "
                           "list, or a builtin set (builtin:animals, builtin:toy_train, builtin:toy_unseen).", "model")
     eval_prompts: str = _field("builtin:toy_unseen", "Held-out prompts (same forms as --prompts), evaluated as "
@@ -119,8 +125,19 @@ class TrainConfig:
     eval_every: int = _field(0, "Evaluate every this many epochs (always before and after); 0 means only "
                              "before and after.", "eval")
     seed: int = _field(0, "Seed for prompt draws, sampling noise and evaluation.", "run")
-    precision: str = _field("fp32", "Base-model weight dtype; LoRA parameters and log-probs stay fp32.", "run",
+    precision: str = _field("fp32", "Base-model weight dtype; LoRA parameters and log-probs stay fp32. On a GPU "
+                            "use fp16 (its gradients are scaled like AMP's): bf16's 8-bit mantissa cannot resolve the "
+                            "per-step log-prob gradient (bench/precision_gradient.py: cosine 0.73 to fp32).", "run",
                             choices=("fp32", "fp16", "bf16"))
+    gradient_checkpointing: bool = _field(False, "Recompute UNet activations during the backward pass instead of "
+                                          "keeping them: much less GPU memory in the optimisation phase for about "
+                                          "a third more of its time; gradients are unchanged.", "memory")
+    vae_tiling: bool = _field(False, "Decode images one at a time and in tiles, so decoding at large resolutions "
+                              "fits small GPUs (tile seams may differ slightly from a whole-image decode).",
+                              "memory")
+    offload_models: bool = _field(False, "Keep the text encoders on the CPU (each prompt is encoded once per run "
+                                  "and cached) and move model-based rewards to the CPU between scoring phases, "
+                                  "leaving the GPU to the UNet and the VAE.", "memory")
     device: str = _field("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps.", "run")
     output_dir: str = _field("runs", "Folder that receives one sub-folder per run.", "run")
     run_name: str = _field("", "Run folder name; empty means a timestamp.", "run")
@@ -222,9 +239,14 @@ class TrainConfig:
         atomic_write_text(path, text)
 
 
-_FIELD_TYPES = {"str": str, "int": int, "float": float, "dict": dict, "list": list}
+_FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}
 _FIELD_TYPES = {f.name: _FIELD_TYPES[f.type] for f in dataclasses.fields(TrainConfig)}
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "a table", list: "a list"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table",
+               list: "a list"}
+
+# `--low-vram` (CLI) and the tab's low-VRAM switch: what a user with an 8 GB GPU needs, applied under explicit settings.
+LOW_VRAM = {"precision": "fp16", "batch_size": 1, "gradient_checkpointing": True, "vae_tiling": True,
+            "offload_models": True}
 
 
 def _is_option_value(value: Any) -> bool:

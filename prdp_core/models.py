@@ -16,8 +16,11 @@ import torch
 from .errors import ModelLoadError
 
 # builtin:toy (the default) is the toy-world model trained by prdp_core.toy.train_model and shipped in the package;
-# builtin:tiny has random weights (fast tests of the machinery).
-BUILTIN_MODELS = ("builtin:toy", "builtin:tiny")
+# builtin:tiny and builtin:tiny-xl have random weights in SD1 and SDXL shapes (fast tests of the machinery);
+# builtin:random-* are the real architectures with random weights (memory and speed benchmarks, no download).
+RANDOM_MODELS = {"builtin:random-sd15": "sd15", "builtin:random-sd21": "sd21", "builtin:random-sdxl": "sdxl_base"}
+BUILTIN_MODELS = ("builtin:toy", "builtin:tiny", "builtin:tiny-xl", *RANDOM_MODELS)
+MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
 TOY_MODEL_DIR = Path(__file__).parent / "toy" / "weights" / "model"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -28,9 +31,10 @@ class ModelInfo:
     """What the exporter and the hosts need to know about the base model."""
 
     name: str  # as the user gave it
-    arch: str  # "sd1" | "sd2"
+    arch: str  # "sd1" | "sd2" | "sdxl"
     prediction_type: str  # "epsilon" | "v_prediction"
     resolution: int  # native image side in pixels
+    layers_per_block: int = 2  # UNet resnets per down block: SGM block numbers (SDXL export) depend on it
 
 
 def resolve_device(device: str) -> torch.device:
@@ -50,10 +54,15 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def load_pipeline(spec: str, dtype: str = "fp32", device: str | torch.device = "cpu"):
-    """A StableDiffusionPipeline with a DDIM scheduler, from a builtin name, a local diffusers folder, a
-    single-file checkpoint or a hub id. Raises ModelLoadError with the fix when that is impossible."""
+def load_pipeline(spec: str, dtype: str = "fp32", device: str | torch.device = "cpu", vae: str = "",
+                  prediction_type: str = "auto"):
+    """A StableDiffusionPipeline or StableDiffusionXLPipeline with a DDIM scheduler, from a builtin name, a local
+    diffusers folder, a single-file checkpoint (offline: configs and tokenizers ship with us) or a hub id. `vae` is
+    an optional separate VAE file replacing the model's own; `prediction_type` overrides the model's ("auto" keeps
+    it). Raises ModelLoadError with the fix when that is impossible."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from .single_file import load_single_file
 
     torch_dtype = DTYPES[dtype]
     if spec.startswith("builtin:"):
@@ -61,6 +70,10 @@ def load_pipeline(spec: str, dtype: str = "fp32", device: str | torch.device = "
             raise ModelLoadError(f"unknown builtin model {spec!r}; choose one of {', '.join(BUILTIN_MODELS)}.")
         if spec == "builtin:tiny":
             pipe = build_tiny_pipeline()
+        elif spec == "builtin:tiny-xl":
+            pipe = build_tiny_xl_pipeline()
+        elif spec in RANDOM_MODELS:
+            pipe = build_random_pipeline(MODEL_CONFIGS_DIR / RANDOM_MODELS[spec], torch_dtype, device)
         elif not (TOY_MODEL_DIR / "model_index.json").is_file():
             raise ModelLoadError(f"the toy model's weights are missing from this installation ({TOY_MODEL_DIR}); "
                                  f"reinstall prdp-lora, or rebuild them with python -m prdp_core.toy.train_model.")
@@ -74,36 +87,71 @@ def load_pipeline(spec: str, dtype: str = "fp32", device: str | torch.device = "
             if not (path / "model_index.json").is_file():
                 raise ModelLoadError(f"{spec} is a folder but not a diffusers model (no model_index.json); pass a "
                                      f"diffusers folder or a .safetensors checkpoint file.")
-            _check_pipeline_class(path, spec)
-            pipe = _wrap_load(spec, lambda: StableDiffusionPipeline.from_pretrained(
-                str(path), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False))
+            pipeline_class = _pipeline_class(_folder_class_name(path, spec), spec)
+            pipe = _wrap_load(spec, lambda: pipeline_class.from_pretrained(
+                str(path), torch_dtype=torch_dtype, **_load_kwargs(pipeline_class)))
         elif path.is_file():
             if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
                 raise ModelLoadError(f"{spec} is not a model checkpoint; pass a .safetensors/.ckpt file or a "
                                      f"diffusers folder.")
-            pipe = _wrap_load(spec, lambda: StableDiffusionPipeline.from_single_file(
-                str(path), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False),
-                single_file=True)
+            pipe = load_single_file(path, torch_dtype, None if prediction_type == "auto" else prediction_type,
+                                    vae or None)
+            vae = ""  # already in place
         elif _looks_like_path(spec):
             raise ModelLoadError(f"model path {spec} does not exist; check the path, or pass a hub id such as "
                                  f"stable-diffusion-v1-5/stable-diffusion-v1-5.")
         else:
-            pipe = _wrap_load(spec, lambda: StableDiffusionPipeline.from_pretrained(
-                spec, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False))
+            def from_hub():
+                from diffusers import DiffusionPipeline
+
+                pipeline_class = _pipeline_class(DiffusionPipeline.load_config(spec).get("_class_name", ""), spec)
+                return pipeline_class.from_pretrained(spec, torch_dtype=torch_dtype, **_load_kwargs(pipeline_class))
+            pipe = _wrap_load(spec, from_hub)
+    _check_architecture(pipe, spec)
+    if vae:
+        from .single_file import CONFIG_FOLDERS, _load_vae
+
+        pipe.vae = _load_vae(vae, CONFIG_FOLDERS["sdxl_base" if is_sdxl(pipe) else "sd15"], torch_dtype)
+    if prediction_type != "auto":
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     # DDIM with eta > 0 is the policy whose per-step log-probs we train; x0-clipping would make its mean
     # non-smooth, so it is off whatever the checkpoint's own scheduler said.
-    _check_architecture(pipe, spec)
     # set_alpha_to_one=False keeps the last step's sigma > 0 (DDPO's clamp); with True its log-prob is undefined.
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False,
                                                set_alpha_to_one=False)
     if pipe.unet.dtype != torch_dtype:  # builtin models are built in fp32; hub/folder loads already are torch_dtype
         pipe.to(dtype=torch_dtype)
+    if torch_dtype == torch.float16 and pipe.vae.config.get("force_upcast", False):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (the stock pipeline upcasts it the same way)
     pipe.to(device)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in _frozen_modules(pipe):
         module.requires_grad_(False)
         module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def apply_memory_options(pipe, gradient_checkpointing: bool = False, vae_tiling: bool = False,
+                         offload_text_encoders: bool = False) -> None:
+    """The memory-lean settings of TrainConfig. None changes a result except vae_tiling (tile blending)."""
+    if pipe.vae.device.type != "cpu":
+        pipe.vae.enable_slicing()  # one image per VAE decode: same images, a fraction of the peak memory
+    if gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    if vae_tiling:
+        pipe.vae.enable_slicing()
+        pipe.vae.enable_tiling()
+    if offload_text_encoders:
+        # Prompts are encoded once per run (Sampler's text cache), so the encoders can wait on the CPU.
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipe, name, None)
+            if encoder is not None:
+                encoder.to("cpu", torch.float32 if encoder.dtype == torch.float16 else encoder.dtype)
+
+
+def _frozen_modules(pipe) -> list[torch.nn.Module]:
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    return [m for m in (getattr(pipe, name, None) for name in names) if m is not None]
 
 
 @contextlib.contextmanager
@@ -127,7 +175,7 @@ def _looks_like_path(spec: str) -> bool:
             or spec.count("/") > 1 or "\\" in spec)
 
 
-def _wrap_load(spec: str, load, single_file: bool = False):
+def _wrap_load(spec: str, load):
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
         with warnings.catch_warnings():  # newer diffusers rename torch_dtype; older ones (host pins) know no other
@@ -135,10 +183,6 @@ def _wrap_load(spec: str, load, single_file: bool = False):
             return load()
     except (OSError, ValueError, EnvironmentError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if single_file:
-            raise ModelLoadError(f"could not load checkpoint file {spec}: {reason}; it may be damaged or not a Stable "
-                                 f"Diffusion 1/2 checkpoint (offline, diffusers also needs its configs cached: "
-                                 f"converting it to a diffusers folder once avoids that).") from None
         if offline or "offline" in reason.lower() or "connect" in reason.lower():
             raise ModelLoadError(f"model {spec!r} is not on this machine and the hub cannot be reached (offline); "
                                  f"download it first or pass a local diffusers folder or .safetensors file.") from None
@@ -146,31 +190,63 @@ def _wrap_load(spec: str, load, single_file: bool = False):
                              f"hub id or single-file checkpoint.") from None
 
 
-SUPPORTED = "Stable Diffusion 1.x and 2.x (SDXL support is planned)"
+SUPPORTED = "Stable Diffusion 1.x, 2.x and SDXL base models"
+_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionImg2ImgPipeline": "sd",
+              "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl"}
 
 
-def _check_pipeline_class(folder: Path, spec: str) -> None:
+def _folder_class_name(folder: Path, spec: str) -> str:
     try:
-        class_name = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+        return json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
     except (OSError, ValueError):
         raise ModelLoadError(f"{spec}/model_index.json is unreadable; the model folder is damaged.") from None
-    if class_name and class_name not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
+
+
+def _pipeline_class(class_name: str, spec: str):
+    """The pipeline class we load a model with, from the pipeline class its model_index.json names."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    family = _PIPELINES.get(class_name, "sd" if not class_name else None)
+    if family is None:
         raise ModelLoadError(f"{spec} is a {class_name}; prdp trains {SUPPORTED}.")
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def _load_kwargs(pipeline_class) -> dict:
+    if pipeline_class.__name__ == "StableDiffusionPipeline":
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {}
 
 
 def _check_architecture(pipe, spec: str) -> None:
     config = pipe.unet.config
-    if getattr(config, "addition_embed_type", None) or getattr(pipe, "text_encoder_2", None) is not None:
-        raise ModelLoadError(f"{spec} looks like an SDXL model; prdp trains {SUPPORTED}.")
+    if getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "text_encoder", None) is None:
+        raise ModelLoadError(f"{spec} is an SDXL refiner (one text encoder); prdp trains {SUPPORTED}.")
+    embed_type = getattr(config, "addition_embed_type", None)
+    if embed_type not in (None, "text_time"):
+        raise ModelLoadError(f"{spec} has a UNet conditioned on {embed_type!r}; prdp trains {SUPPORTED}.")
+    if config.in_channels != 4:
+        raise ModelLoadError(f"{spec} has a UNet with {config.in_channels} input channels (an inpainting or "
+                             f"depth model); prdp trains text-to-image {SUPPORTED}.")
 
 
 def model_info(pipe, name: str, resolution: int = 0) -> ModelInfo:
     """`resolution` is the training resolution when it differs from the model's native one."""
-    cross_dim = pipe.unet.config.cross_attention_dim
-    arch = "sd2" if cross_dim == 1024 else "sd1"
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    config = pipe.unet.config
+    if is_sdxl(pipe):
+        arch = "sdxl"
+    else:
+        arch = "sd2" if config.cross_attention_dim == 1024 else "sd1"
+    native = config.sample_size * pipe.vae_scale_factor
+    layers = config.layers_per_block
     return ModelInfo(name=name, arch=arch, prediction_type=pipe.scheduler.config.prediction_type,
-                     resolution=int(resolution or native))
+                     resolution=int(resolution or native),
+                     layers_per_block=int(layers if isinstance(layers, int) else layers[0]))
+
+
+def is_sdxl(pipe) -> bool:
+    """Two text encoders and pooled text + size conditioning (the UNet's `text_time` embedding)."""
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
@@ -203,6 +279,38 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     return pipe
 
 
+def build_random_pipeline(folder: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A real-size pipeline with random weights, from a shipped config folder (model_configs/<name>), built directly
+    in `dtype` on `device`. Its tokenizers are the byte-level ones: ids stay inside the real vocabulary, and
+    benchmarks need shapes, not words."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.schedulers import DDIMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+            encoders = {}
+            for name in ("text_encoder", "text_encoder_2"):
+                if name in index:
+                    config = CLIPTextConfig.from_json_file(folder / name / "config.json")
+                    cls = CLIPTextModelWithProjection if index[name][1] == "CLIPTextModelWithProjection" else CLIPTextModel
+                    encoders[name] = cls(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(folder / "scheduler"))
+    tokenizers = {name.replace("text_encoder", "tokenizer"): build_byte_tokenizer() for name in encoders}
+    if index["_class_name"] == "StableDiffusionXLPipeline":
+        return StableDiffusionXLPipeline(unet=unet, vae=vae, scheduler=scheduler, **encoders, **tokenizers,
+                                         force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
+    return StableDiffusionPipeline(unet=unet, vae=vae, scheduler=scheduler, **encoders, **tokenizers,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def build_byte_tokenizer(model_max_length: int = 77, merges: Sequence[tuple[str, str]] = ()):
     """A CLIP tokenizer over a byte-level base vocabulary plus the given BPE `merges` (none: every word splits
     into characters). Needs no vocabulary file from a hub, yet tokenises any text deterministically."""
@@ -216,7 +324,9 @@ def build_byte_tokenizer(model_max_length: int = 77, merges: Sequence[tuple[str,
 def write_tokenizer_files(folder: str | Path, merges: Sequence[tuple[str, str]] = ()) -> None:
     """vocab.json and merges.txt of the byte-level vocabulary plus `merges`: the files every transformers
     version's CLIPTokenizer reads (transformers 5 itself saves only tokenizer.json)."""
-    chars = _bytes_to_unicode()
+    from .clip_tokenizer import bytes_to_unicode
+
+    chars = bytes_to_unicode()
     vocab = {}
     for token in chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>",
                                                                                       "<|endoftext|>"]:
@@ -225,19 +335,6 @@ def write_tokenizer_files(folder: str | Path, merges: Sequence[tuple[str, str]] 
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-
-
-def _bytes_to_unicode() -> list[str]:
-    # The GPT-2/CLIP byte-to-printable-character table.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 # ---------------------------------------------------------------------------------------------- LoRA

@@ -8,10 +8,14 @@ Exactness of recomputed log-probs depends on computing them the same way they we
 composition (uncond and cond halves of the same images), the same dtype, fp32 for the Gaussian. So every UNet call,
 in sampling and in training, goes through `Sampler.guided_prediction` on one *chunk*: up to `batch_size` images of
 one prompt at one timestep.
+
+SDXL differs only in its conditioning: a pooled text embedding and the size/crop "time ids" join the token
+embeddings (`TextConditioning`), exactly as `StableDiffusionXLPipeline` passes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,6 +25,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+_NEGATIVE = "\0negative"  # the negative prompt's key in the text cache (no real prompt contains NUL)
 
 
 # ---------------------------------------------------------------------------------------------- the step
@@ -57,14 +62,43 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
+# ---------------------------------------------------------------------------------------------- conditioning
+@dataclass
+class TextConditioning:
+    """Text conditioning of a batch: token embeddings [n, L, D] and, for SDXL, pooled embeddings [n, P]."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def __getitem__(self, index) -> "TextConditioning":
+        return TextConditioning(self.embeds[index], None if self.pooled is None else self.pooled[index])
+
+    def expand(self, count: int) -> "TextConditioning":
+        """`count` rows: one row repeated, or the rows themselves when there are already `count`."""
+        return TextConditioning(self.embeds.expand(count, -1, -1),
+                                None if self.pooled is None else self.pooled.expand(count, -1))
+
+    def to(self, device, dtype) -> "TextConditioning":
+        return TextConditioning(self.embeds.to(device, dtype),
+                                None if self.pooled is None else self.pooled.to(device, dtype))
+
+    @staticmethod
+    def cat(parts: list["TextConditioning"]) -> "TextConditioning":
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return TextConditioning(torch.cat([p.embeds for p in parts]), pooled)
+
+
 # ---------------------------------------------------------------------------------------------- trajectories
 @dataclass
 class Trajectories:
     """One epoch's samples. Index order everywhere: prompt n, image i, step t (t = 0 is the first, noisiest step)."""
 
     prompts: list[str]  # N
-    prompt_embeds: torch.Tensor  # [N, L, D]
-    negative_embeds: torch.Tensor  # [1, L, D]
+    cond: TextConditioning  # N rows
+    negative: TextConditioning  # 1 row
     timesteps: torch.Tensor  # [T] scheduler timesteps, descending
     latents: torch.Tensor  # [N, B, T + 1, C, h, w] fp32: x_T .. x_0
     log_probs: torch.Tensor  # [N, B, T] fp32 log pi_old(x_{t-1} | x_t, c)
@@ -82,16 +116,71 @@ class Trajectories:
                 yield n, slice(start, min(start + self.batch_size, n_images))
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued accelerator work, so wall-clock timers measure it (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class UNetClock:
     """Seconds spent inside UNet forward and backward calls, for the benchmark's UNet share."""
 
+    device: torch.device = torch.device("cpu")
     seconds: float = 0.0
     calls: int = 0
 
-    def add(self, seconds: float) -> None:
-        self.seconds += seconds
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - start
         self.calls += 1
+
+
+class PhaseMeter:
+    """Wall seconds and, on CUDA, peak allocated memory of each phase of an epoch. Phases may nest (decoding
+    inside sampling); each is metered exclusively: an outer phase's numbers leave out its inner phases'."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.peak_gib: dict[str, float] = {}
+        self._open: list[str] = []
+
+    def _close_peak(self, name: str) -> None:
+        """Fold the peak since the last reset into `name`'s, then restart peak tracking."""
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.peak_gib[name] = max(self.peak_gib.get(name, 0.0), peak)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        synchronize(self.device)
+        if self.cuda:
+            if self._open:
+                self._close_peak(self._open[-1])
+            else:
+                torch.cuda.reset_peak_memory_stats(self.device)
+        self._open.append(name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            elapsed = time.perf_counter() - start
+            self._open.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            if self._open:  # the outer phase's time leaves this one out
+                self.seconds[self._open[-1]] = self.seconds.get(self._open[-1], 0.0) - elapsed
+            if self.cuda:
+                self._close_peak(name)
 
 
 @dataclass
@@ -108,6 +197,9 @@ class Sampler:
 
     def __post_init__(self):
         self.pipe.scheduler.set_timesteps(self.num_steps, device=self.device)
+        self.clock.device = self.device
+        self.sdxl = getattr(self.pipe.unet.config, "addition_embed_type", None) == "text_time"
+        self._text_cache: dict[str, TextConditioning] = {}  # prompt -> its conditioning, on the UNet's device
 
     @property
     def device(self) -> torch.device:
@@ -121,46 +213,82 @@ class Sampler:
     def guided(self) -> bool:
         return self.guidance_scale > 1.0  # as in the stock pipeline: no uncond branch at scale <= 1
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text embeddings [N, L, D] and the negative prompt's [1, L, D], computed once per epoch."""
-        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
-        negative, _ = self.pipe.encode_prompt([self.negative_prompt], self.device, 1, False)
-        return embeds, negative
+    @property
+    def side(self) -> int:
+        """Image side in pixels."""
+        pipe = self.pipe
+        return self.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
-    def guided_prediction(self, latents: torch.Tensor, timestep, embeds: torch.Tensor,
-                          negative: torch.Tensor) -> torch.Tensor:
-        """The guided model output (fp32) for a chunk of latents [m, C, h, w] and prompt embeddings [m or 1, L, D]."""
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[TextConditioning, TextConditioning]:
+        """Conditioning of `prompts` (N rows) and of the negative prompt (1 row). Each prompt is encoded once per
+        run: the text encoders run only for prompts not seen before (and may live on the CPU)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            for prompt, row in zip(missing, self._encode(missing)):
+                self._text_cache[prompt] = row
+        if _NEGATIVE not in self._text_cache:
+            self._text_cache[_NEGATIVE] = self._encode_negative()
+        return TextConditioning.cat([self._text_cache[p] for p in prompts]), self._text_cache[_NEGATIVE]
+
+    def _encode(self, prompts: list[str]) -> list[TextConditioning]:
+        pipe = self.pipe
+        # keywords: the SD and SDXL pipelines order these parameters differently
+        out = pipe.encode_prompt(prompt=prompts, device=pipe.text_encoder.device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)
+        encoded = TextConditioning(out[0], out[2] if self.sdxl else None).to(self.device, self.pipe.unet.dtype)
+        return [encoded[i:i + 1] for i in range(len(prompts))]
+
+    def _encode_negative(self) -> TextConditioning:
+        if self.sdxl and not self.negative_prompt and self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            # SDXL base's unconditional branch for an empty negative prompt is all zeros, not the empty text
+            reference = self._encode([""])[0]
+            return TextConditioning(torch.zeros_like(reference.embeds), torch.zeros_like(reference.pooled))
+        return self._encode([self.negative_prompt])[0]
+
+    def time_ids(self, count: int) -> torch.Tensor:
+        """SDXL's size conditioning [count, 6]: original size, crop top-left (0, 0), target size."""
+        side = self.side
+        ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=self.pipe.unet.dtype, device=self.device)
+        return ids.expand(count, -1)
+
+    def guided_prediction(self, latents: torch.Tensor, timestep, cond: TextConditioning,
+                          negative: TextConditioning) -> torch.Tensor:
+        """The guided model output (fp32) for a chunk of latents [m, C, h, w] and its conditioning (m or 1 rows)."""
         unet = self.pipe.unet
         m = latents.shape[0]
-        cond = embeds.expand(m, -1, -1)
+        cond = cond.expand(m)
         if self.guided:
             model_input = torch.cat([latents, latents]).to(unet.dtype)
-            hidden = torch.cat([negative.expand(m, -1, -1), cond])
+            text = TextConditioning.cat([negative.expand(m), cond])
         else:
-            model_input, hidden = latents.to(unet.dtype), cond
-        start = time.perf_counter()
-        output = unet(model_input, timestep, encoder_hidden_states=hidden, return_dict=False)[0].float()
-        self.clock.add(time.perf_counter() - start)
+            model_input, text = latents.to(unet.dtype), cond
+        text = text.to(unet.device, unet.dtype)  # no copy when it already is
+        extra = {}
+        if self.sdxl:
+            extra["added_cond_kwargs"] = {"text_embeds": text.pooled, "time_ids": self.time_ids(len(text))}
+        with self.clock.timed():
+            output = unet(model_input, timestep, encoder_hidden_states=text.embeds, return_dict=False, **extra)[0]
+        output = output.float()
         if not self.guided:
             return output
-        uncond, text = output.chunk(2)
-        return uncond + self.guidance_scale * (text - uncond)
+        uncond, text_output = output.chunk(2)
+        return uncond + self.guidance_scale * (text_output - uncond)
 
     @torch.no_grad()
-    def sample_chunk(self, embeds: torch.Tensor, negative: torch.Tensor, count: int,
+    def sample_chunk(self, cond: TextConditioning, negative: TextConditioning, count: int,
                      generator: torch.Generator | list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample `count` trajectories of one prompt (`embeds` [1, L, D]) or of one prompt each ([count, L, D]).
+        """Sample `count` trajectories of one prompt (`cond` of 1 row) or of one prompt each (`count` rows).
         Returns latents [count, T+1, C, h, w] (x_T .. x_0) and log-probs [count, T]. Consumes `generator` (one, or
         one per image) exactly as `StableDiffusionPipeline.__call__` does."""
         pipe = self.pipe
-        side = (self.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor) // pipe.vae_scale_factor
+        side = self.side // pipe.vae_scale_factor
         shape = (count, pipe.unet.config.in_channels, side, side)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
         latents = latents * pipe.scheduler.init_noise_sigma
         trajectory, log_probs = [latents], []
         for timestep in self.timesteps:
-            output = self.guided_prediction(latents, timestep, embeds, negative)
+            output = self.guided_prediction(latents, timestep, cond, negative)
             mean, std = ddim_mean_std(pipe.scheduler, output, timestep, latents, self.eta)
             noise = randn_tensor(output.shape, generator=generator, device=output.device, dtype=output.dtype)
             latents = mean + std * noise
@@ -174,7 +302,7 @@ class Sampler:
         x_t = traj.latents[n, images, step]
         x_prev = traj.latents[n, images, step + 1]
         timestep = traj.timesteps[step]
-        output = self.guided_prediction(x_t, timestep, traj.prompt_embeds[n:n + 1], traj.negative_embeds)
+        output = self.guided_prediction(x_t, timestep, traj.cond[n:n + 1], traj.negative)
         mean, std = ddim_mean_std(self.pipe.scheduler, output, timestep, x_t, self.eta)
         return gaussian_log_prob(x_prev, mean, std)
 

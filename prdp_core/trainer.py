@@ -33,20 +33,23 @@ from .events import (CheckpointWritten, EpochEnd, EpochSampled, Evaluated, Event
                      RunStarted, StepMetrics)
 from .export import LoraWeights, export_lora
 from .files import atomic_write_text
-from .models import (add_lora, load_pipeline, lora_disabled, lora_modules, lora_parameters, model_info,
-                     resolve_device)
+from .models import (add_lora, apply_memory_options, load_pipeline, lora_disabled, lora_modules, lora_parameters,
+                     model_info, resolve_device)
 from .objectives import EpochBatch, make_objective
 from .plots import image_grid, line_plot
 from .prompts import draw_prompts, load_prompts
 from .rewards import RewardMix
-from .sampling import Sampler, Trajectories, chunk_generator, to_pil
+from .sampling import PhaseMeter, Sampler, Trajectories, chunk_generator, to_pil
 from .stat_tracking import PerPromptStatTracker
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-RESUMABLE = ("epochs", "batch_size", "device", "keep_checkpoints", "eval_every")
+RESUMABLE = ("epochs", "batch_size", "device", "keep_checkpoints", "eval_every", "gradient_checkpointing",
+             "vae_tiling", "offload_models")
+EPOCH_PHASES = ("sampling", "decode", "reward", "reference", "optimization")
 _EVAL_KEY = 1_000_003  # separates evaluation noise from every training epoch's noise
+FP16_GRAD_EXPONENT = 16  # fp16 backward: the largest coefficient is scaled to 2**16, AMP's initial loss scale
 
 
 class _Cancelled(Exception):
@@ -153,12 +156,15 @@ class Trainer:
         checkpoint = checkpoints.latest_checkpoint(self.resume_dir) if self.resume_dir else None
         if self.resume_dir and checkpoint is None:
             raise ConfigError(f"{self.resume_dir} has no checkpoint to resume from; start a new run instead.")
-        self.pipe = load_pipeline(config.model, config.precision, self.device)  # before any folder is made
+        self.pipe = load_pipeline(config.model, config.precision, self.device, config.vae,
+                                  config.prediction_type)  # before any folder is made
         self.sampler = Sampler(self.pipe, config.num_steps, config.guidance_scale, config.eta,
                                config.negative_prompt, config.resolution)
         self.run_dir = self.resume_dir or _new_run_dir(config)
         config.save(self.run_dir / CONFIG_FILE)
         (self.run_dir / "previews").mkdir(exist_ok=True)
+        apply_memory_options(self.pipe, config.gradient_checkpointing, config.vae_tiling, config.offload_models)
+        self.meter = PhaseMeter(self.device)
         self.unet = self.pipe.unet
         self.model_info = model_info(self.pipe, config.model, config.resolution)
         torch.manual_seed(config.seed)  # the LoRA's random init (overwritten when resuming)
@@ -168,6 +174,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay)
         self.epoch, self.state, self.before_images = 0, {"started_at": time.time()}, None
+        self.preview_image = None  # the exported LoRA's card thumbnail: the latest training sample
         if checkpoint is not None:
             self._restore(checkpoint)
 
@@ -187,51 +194,49 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one epoch
     def _train_epoch(self, epoch: int) -> dict:
-        config, sampler = self.config, self.sampler
+        config, sampler, meter = self.config, self.sampler, self.meter
         unet_before = sampler.clock.seconds
-        timings = {}
-        tick = time.perf_counter()
+        meter.reset()
         number = epoch + 1  # events and files count epochs from 1
         prompts = draw_prompts(self.train_prompts, config.prompts_per_epoch, config.seed, epoch)
-        traj, images, timings["decode"] = self._sample(prompts, config.images_per_prompt, (config.seed, epoch),
-                                                       number, "sampling", keep_trajectory=True)
-        timings["sampling"] = time.perf_counter() - tick - timings["decode"]
+        with meter.phase("sampling"):  # decoding inside it is metered as its own phase
+            traj, images = self._sample(prompts, config.images_per_prompt, (config.seed, epoch), number, "sampling",
+                                        keep_trajectory=True)
 
-        tick = time.perf_counter()
-        per_image_prompts = [p for p in prompts for _ in range(config.images_per_prompt)]
-        signal, components = self.reward_mix.score(images, per_image_prompts)
-        rewards = signal.view(len(prompts), config.images_per_prompt)  # what the objective learns from
-        total = self.reward_mix.combine(components, normalize=False)  # what is logged: comparable across epochs
-        timings["reward"] = time.perf_counter() - tick
+        with meter.phase("reward"):
+            per_image_prompts = [p for p in prompts for _ in range(config.images_per_prompt)]
+            signal, components = self.reward_mix.score(images, per_image_prompts)
+            rewards = signal.view(len(prompts), config.images_per_prompt)  # what the objective learns from
+            total = self.reward_mix.combine(components, normalize=False)  # what is logged: comparable across epochs
+            self._offload_rewards()
         self._emit_samples(number, prompts, images, total, components)
 
-        tick = time.perf_counter()
         trained = self.trained_steps
         log_probs_ref = None
-        if self.objective.needs_reference:
-            with lora_disabled(self.unet):
-                log_probs_ref = sampler.all_log_probs(traj, self._progress(number, "reference", traj), trained)
-        timings["reference"] = time.perf_counter() - tick
+        with meter.phase("reference"):
+            if self.objective.needs_reference:
+                with lora_disabled(self.unet):
+                    log_probs_ref = sampler.all_log_probs(traj, self._progress(number, "reference", traj), trained)
 
-        tick = time.perf_counter()
-        advantages = None
-        if self.tracker is not None:
-            advantages = torch.as_tensor(self.tracker.update(prompts, rewards.numpy()), dtype=torch.float32)
-            advantages = advantages.to(traj.log_probs.device)
-        old = traj.log_probs[:, :, :trained]
-        batch = EpochBatch(old, rewards.to(old.device), log_probs_ref, advantages)
-        updates = []
-        for k in range(config.updates_per_epoch):
-            # theta = theta_old on the first update, where recomputing would reproduce the stored log-probs.
-            current = old if k == 0 else sampler.all_log_probs(traj, self._progress(number, "optimization", traj),
-                                                               trained)
-            loss, grad_norm, stats = self._update(traj, batch, current)
-            step = epoch * config.updates_per_epoch + k + 1
-            updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
-            self._emit(StepMetrics(number, k, step, loss, grad_norm, stats))
-        timings["optimization"] = time.perf_counter() - tick
+        with meter.phase("optimization"):
+            advantages = None
+            if self.tracker is not None:
+                advantages = torch.as_tensor(self.tracker.update(prompts, rewards.numpy()), dtype=torch.float32)
+                advantages = advantages.to(traj.log_probs.device)
+            old = traj.log_probs[:, :, :trained]
+            batch = EpochBatch(old, rewards.to(old.device), log_probs_ref, advantages)
+            updates = []
+            for k in range(config.updates_per_epoch):
+                # theta = theta_old on the first update, where recomputing would reproduce the stored log-probs.
+                current = old if k == 0 else sampler.all_log_probs(traj, self._progress(number, "optimization", traj),
+                                                                   trained)
+                loss, grad_norm, stats = self._update(traj, batch, current)
+                step = epoch * config.updates_per_epoch + k + 1
+                updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
+                self._emit(StepMetrics(number, k, step, loss, grad_norm, stats))
+        timings = {phase: meter.seconds.get(phase, 0.0) for phase in EPOCH_PHASES}
         timings["unet"] = sampler.clock.seconds - unet_before
-        timings["total"] = sum(timings[k] for k in ("sampling", "decode", "reward", "reference", "optimization"))
+        timings["total"] = sum(timings[k] for k in EPOCH_PHASES)
 
         metrics = {
             "epoch": number,
@@ -247,6 +252,8 @@ class Trainer:
             "kl_old_last": updates[-1]["kl_old"],
             "timings": timings,
         }
+        if meter.peak_gib:  # accelerators only: peak allocated memory per phase
+            metrics["peak_memory_gib"] = {phase: round(gib, 3) for phase, gib in meter.peak_gib.items()}
         for key in ("implicit_reward_mean", "implicit_reward_std", "implicit_reward_abs_max", "valid_pairs"):
             if key in updates[-1]:
                 metrics[key] = updates[-1][key]
@@ -279,58 +286,84 @@ class Trainer:
             self._check_stop()
             for step in range(coefficients.shape[2]):
                 coef = coefficients[n, images, step]
-                if not coef.any():
-                    continue
-                chunk_log_probs = self.sampler.chunk_log_probs(traj, n, images, step)
-                tick = time.perf_counter()
-                (coef * chunk_log_probs).sum().backward()
-                self.sampler.clock.add(time.perf_counter() - tick)
+                if coef.any():
+                    self._chunk_backward(traj, n, images, step, coef)
             done += 1
             self._emit(Progress(self.epoch + 1, "optimization", done, total))
         return loss.item(), stats
 
+    def _chunk_backward(self, traj: Trajectories, n: int, images: slice, step: int, coef: torch.Tensor) -> None:
+        """Add d(sum(coef * log pi))/dtheta of one chunk at one step to the LoRA gradients."""
+        clock = self.sampler.clock
+        if self.unet.dtype != torch.float16:
+            chunk_log_probs = self.sampler.chunk_log_probs(traj, n, images, step)
+            with clock.timed():
+                (coef * chunk_log_probs).sum().backward()
+            return
+        # fp16 activations: the log-prob gradients (~1e-7 per element) would underflow, so, like AMP's GradScaler,
+        # back-propagate a power-of-two multiple and divide it out in fp32; on overflow retry with a smaller one.
+        scale = 2.0 ** (FP16_GRAD_EXPONENT - math.ceil(math.log2(coef.abs().max().item())))
+        for _ in range(4):
+            chunk_log_probs = self.sampler.chunk_log_probs(traj, n, images, step)
+            with clock.timed():
+                grads = torch.autograd.grad((coef * scale * chunk_log_probs).sum(), self.params,
+                                            materialize_grads=True)
+            found_inf = torch.zeros(1, device=self.device)
+            # GradScaler's fused kernel: divides every gradient by the scale and flags inf/NaN, with one sync
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.tensor(1.0 / scale,
+                                                                                             device=self.device))
+            if not found_inf.item():
+                if self.params[0].grad is None:
+                    for param, grad in zip(self.params, grads):
+                        param.grad = grad
+                else:
+                    torch._foreach_add_([p.grad for p in self.params], grads)
+                return
+            scale /= 2.0**8
+        raise PrdpError("gradients overflow in fp16 even when scaled down; train with --precision bf16 (or fp32), "
+                        "then resume.")
+
     # ------------------------------------------------------------------------------------------ sampling, eval
     def _sample(self, prompts: list[str], count: int, key: tuple, epoch: int, phase: str,
-                keep_trajectory: bool = False) -> tuple[Trajectories | None, list, float]:
+                keep_trajectory: bool = False) -> tuple[Trajectories | None, list]:
         """Sample `count` images per prompt in chunks of batch_size, each image's noise from (key, prompt, image).
-        Returns the trajectories (if kept), the decoded PIL images (prompt-major) and the decode seconds.
+        Returns the trajectories (if kept) and the decoded PIL images (prompt-major).
         Kept trajectories are chunked per prompt (the layout training reads back); otherwise a chunk may span
         prompts, so evaluating a few images per prompt still runs the UNet on full batches."""
         sampler, size = self.sampler, self.config.batch_size
-        embeds, negative = sampler.encode_prompts(prompts)
+        cond, negative = sampler.encode_prompts(prompts)
         pairs = [(n, i) for n in range(len(prompts)) for i in range(count)]
         groups = [pairs[n * count:(n + 1) * count] for n in range(len(prompts))] if keep_trajectory else [pairs]
         chunks = [group[start:start + size] for group in groups for start in range(0, len(group), size)]
-        latents, log_probs, images, decode_s = [], [], [], 0.0
+        latents, log_probs, images = [], [], []
         for done, chunk in enumerate(chunks, 1):
             self._check_stop()
             # one generator per image: the noise does not depend on how images are batched
             generators = [chunk_generator(*key, n, i) for n, i in chunk]
-            chunk_embeds = embeds[torch.tensor([n for n, _ in chunk], device=embeds.device)]
-            chunk_latents, chunk_log_probs = sampler.sample_chunk(chunk_embeds, negative, len(chunk), generators)
-            tick = time.perf_counter()
-            images += to_pil(sampler.decode(chunk_latents[:, -1]))
-            decode_s += time.perf_counter() - tick
+            chunk_cond = cond[torch.tensor([n for n, _ in chunk], device=cond.embeds.device)]
+            chunk_latents, chunk_log_probs = sampler.sample_chunk(chunk_cond, negative, len(chunk), generators)
+            with self.meter.phase("decode"):
+                images += to_pil(sampler.decode(chunk_latents[:, -1]))
             if keep_trajectory:
                 latents.append(chunk_latents)
                 log_probs.append(chunk_log_probs)
             self._emit(Progress(epoch, phase, done, len(chunks)))
         if not keep_trajectory:
-            return None, images, decode_s
+            return None, images
         n_prompts = len(prompts)
         traj = Trajectories(
-            prompts=list(prompts), prompt_embeds=embeds, negative_embeds=negative, timesteps=sampler.timesteps,
+            prompts=list(prompts), cond=cond, negative=negative, timesteps=sampler.timesteps,
             latents=torch.cat(latents).view(n_prompts, count, *latents[0].shape[1:]),
             log_probs=torch.cat(log_probs).view(n_prompts, count, -1), batch_size=size)
-        return traj, images, decode_s
+        return traj, images
 
     def _evaluate(self, label: str) -> tuple[dict, dict[str, list]]:
         """Mean reward (with its standard error) of every eval set, on seeds fixed for the whole run."""
         results, images_by_set = {}, {}
         count = self.config.eval_images_per_prompt
         for index, (name, prompts) in enumerate(self.eval_sets.items()):
-            _, images, _ = self._sample(prompts, count, (self.config.seed, _EVAL_KEY, index), self.epoch,
-                                        f"eval {name}")
+            _, images = self._sample(prompts, count, (self.config.seed, _EVAL_KEY, index), self.epoch,
+                                     f"eval {name}")
             # raw scores: z-scoring each evaluation by itself would make before and after incomparable
             total, components = self.reward_mix.score(images, [p for p in prompts for _ in range(count)],
                                                       normalize=False)
@@ -339,8 +372,13 @@ class Trainer:
                              "components": {c: {"mean": s.mean().item(), "se": _standard_error(s)}
                                             for c, s in components.items()}}
             images_by_set[name] = images
+        self._offload_rewards()
         self._emit(Evaluated(self.epoch, label, results))
         return results, images_by_set
+
+    def _offload_rewards(self) -> None:
+        if self.config.offload_models:
+            self.reward_mix.offload()
 
     # ------------------------------------------------------------------------------------------ outputs
     def _emit(self, event: Event) -> None:
@@ -360,6 +398,7 @@ class Trainer:
             raise _Cancelled()
 
     def _emit_samples(self, epoch, prompts, images, total, components) -> None:
+        self.preview_image = images[0]
         per_prompt = self.config.images_per_prompt
         shown = min(2, len(prompts)) * per_prompt
         self._emit(EpochSampled(epoch, [p for p in prompts for _ in range(per_prompt)][:shown], images[:shown],
@@ -421,7 +460,9 @@ class Trainer:
         if checkpoint is None:
             return None
         name = self.config.lora_name or f"prdp_{self.run_dir.name}"
-        return export_lora(checkpoint / "adapter.safetensors", self.run_dir / f"{name}.safetensors")
+        # with A1111's card files: <name>.json (reward mix, sd version) and a thumbnail from the latest samples
+        return export_lora(checkpoint / "adapter.safetensors", self.run_dir / f"{name}.safetensors", sidecar=True,
+                           preview=self.preview_image)
 
     def _write_before_after(self, after_images: dict[str, list]) -> None:
         before_images = self.before_images
@@ -466,7 +507,7 @@ class Trainer:
 def _shareable(config: dict) -> dict:
     """The config as written into a LoRA that may be shared: file paths reduced to their names."""
     shared = dict(config)
-    for key in ("model", "prompts", "eval_prompts", "output_dir"):
+    for key in ("model", "vae", "prompts", "eval_prompts", "output_dir"):
         if shared[key] and not shared[key].startswith("builtin:"):
             shared[key] = Path(shared[key]).name
     shared["rewards"] = {Path(name).name if "/" in name or "\\" in name else name: weight

@@ -101,7 +101,8 @@ def test_train_export_sample_score_end_to_end(tmp_path, capsys):
     lora = run / "prdp_demo.safetensors"
     assert f"LoRA: {lora}" in printed
     for name in ("config.toml", "metrics.jsonl", "summary.json", "reward_curve.png", "previews/before_after.png",
-                 "previews/epoch-0001.png", "checkpoints/epoch-0001/adapter.safetensors"):
+                 "previews/epoch-0001.png", "checkpoints/epoch-0001/adapter.safetensors", "prdp_demo.json",
+                 "prdp_demo.preview.png"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["eval"]["seen"]) == {"before", "after", "delta"} and summary["wall_time_s"] > 0
@@ -111,6 +112,14 @@ def test_train_export_sample_score_end_to_end(tmp_path, capsys):
     with safe_open(str(exported), framework="pt") as f:
         assert all(k.startswith("unet.") and ".lora_" in k for k in f.keys())
         assert "lora_adapter_metadata" in f.metadata()
+    card = tmp_path / "card.safetensors"
+    assert main(["export", str(run), "--out", str(card), "--name", "My card", "--a1111-sidecar", "--preview",
+                 str(run / "reward_curve.png")]) == 0
+    with safe_open(str(card), framework="pt") as f:
+        assert f.metadata()["ss_output_name"] == "My card"
+    assert json.loads((tmp_path / "card.json").read_text())["sd version"] == "SD1"
+    assert (tmp_path / "card.preview.png").is_file()
+    assert main(["export", str(run), "--out", str(card), "--preview", str(run / "config.toml")]) == 2
 
     samples = tmp_path / "samples"
     assert main(["sample", "--lora", str(lora), "--lora-scale", "8", "--prompt", "a fox", "--seeds", "0,1",

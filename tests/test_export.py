@@ -1,5 +1,7 @@
 """Exported LoRAs against the in-memory adapter (alpha != rank, so scale bugs show), and kohya's naming."""
 
+import dataclasses
+import json
 import pathlib
 import re
 
@@ -9,7 +11,7 @@ from safetensors import safe_open
 
 from prdp_core.config import KOHYA_UNET_TARGETS
 from prdp_core.errors import ExportError
-from prdp_core.export import LoraWeights, export_lora, kohya_name
+from prdp_core.export import A1111_JSON_KEYS, LoraWeights, export_lora, kohya_name
 from prdp_core.models import add_lora, build_tiny_pipeline, lora_modules, lora_parameters, model_info
 
 PROMPT = "a painting of a wolf"
@@ -138,3 +140,78 @@ def test_export_rejects_bad_destinations(adapted, tmp_path):
         export_lora(weights, tmp_path / "missing" / "x.safetensors")
     with pytest.raises(ExportError, match=".safetensors"):
         export_lora(weights, tmp_path / "x.pt")
+
+
+# ------------------------------------------------------------------------------------------- A1111 sidecars
+def _preview():
+    from PIL import Image
+
+    pixels = torch.arange(32 * 48 * 3, dtype=torch.int64).reshape(32, 48, 3) % 251
+    return Image.fromarray(pixels.to(torch.uint8).numpy())
+
+
+def _a1111_save(path, **edits):
+    """What A1111's card editor does on Save: read the json, set the edited fields, dump it back."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(edits)
+    with open(path, "w", encoding="utf8") as file:
+        json.dump(data, file, indent=4, ensure_ascii=False)
+
+
+def test_a1111_sidecars_and_their_refresh(adapted, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    _, weights, _ = adapted
+    lora = export_lora(weights, tmp_path / "wolf.safetensors", sidecar=True, preview=_preview())
+    card, thumb = tmp_path / "wolf.json", tmp_path / "wolf.preview.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wolf.json", "wolf.preview.png", "wolf.safetensors"]
+    text = card.read_text(encoding="utf-8")
+    data = json.loads(text)
+    assert text == json.dumps(data, indent=4, ensure_ascii=False)  # A1111's own writer's layout
+    assert set(data) == set(A1111_JSON_KEYS) | {"prdp export"}
+    assert data["sd version"] == "SD1" and data["preferred weight"] == 1.0
+    assert all(isinstance(data[k], str) for k in A1111_JSON_KEYS if k != "preferred weight")
+    assert "PRDP" in data["description"] and "1*jpeg" in data["description"]
+    assert (data["activation text"], data["negative text"]) == ("", "")
+    assert "rank 4, alpha 8" in data["notes"]
+    with Image.open(thumb) as image:
+        assert image.format == "PNG" and np.array_equal(np.asarray(image), np.asarray(_preview()))
+
+    # the user edits the card in A1111; a later export refreshes only what is still ours
+    _a1111_save(card, **{"activation text": "wolf, moonlight", "notes": "my favourite", "preferred weight": 0.7})
+    retrained = dataclasses.replace(weights, training={"prdp_reward_mix": "0.5*aesthetic + 0.5*hps"})
+    export_lora(retrained, lora, sidecar=True)
+    data = json.loads(card.read_text(encoding="utf-8"))
+    assert (data["activation text"], data["notes"], data["preferred weight"]) == ("wolf, moonlight", "my favourite",
+                                                                                 0.7)
+    assert "0.5*aesthetic + 0.5*hps" in data["description"] and "jpeg" not in data["description"]
+    _a1111_save(card, description="my words")
+    export_lora(weights, lora, sidecar=True)
+    data = json.loads(card.read_text(encoding="utf-8"))
+    assert data["description"] == "my words" and data["activation text"] == "wolf, moonlight"
+
+
+def test_a1111_sidecars_leave_users_files_alone(adapted, tmp_path):
+    _, weights, _ = adapted
+    card = tmp_path / "wolf.json"
+    card.write_text(json.dumps({"description": "hand written", "sd version": "SD2", "civitai": {"id": 7}}))
+    (tmp_path / "wolf.png").write_bytes(b"user thumbnail")  # A1111's "Replace preview" writes <name>.png
+    export_lora(weights, tmp_path / "wolf.safetensors", sidecar=True, preview=_preview())
+    data = json.loads(card.read_text(encoding="utf-8"))
+    assert (data["description"], data["sd version"], data["civitai"]) == ("hand written", "SD2", {"id": 7})
+    assert data["preferred weight"] == 1.0  # missing fields are filled in
+    assert not (tmp_path / "wolf.preview.png").exists()
+    assert (tmp_path / "wolf.png").read_bytes() == b"user thumbnail"
+
+    card.write_text("not json {")
+    with pytest.warns(UserWarning, match="left it unchanged"):
+        export_lora(weights, tmp_path / "wolf.safetensors", sidecar=True)
+    assert card.read_text() == "not json {"
+
+
+def test_bad_preview_is_rejected_before_writing(adapted, tmp_path):
+    _, weights, _ = adapted
+    with pytest.raises(ExportError, match="PIL image"):
+        export_lora(weights, tmp_path / "wolf.safetensors", preview=torch.zeros(3, 8, 8))
+    assert list(tmp_path.iterdir()) == []

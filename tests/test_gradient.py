@@ -9,7 +9,7 @@ from prdp_core.objectives import EpochBatch
 
 
 def _epoch(trainer, rewards):
-    traj, _, _ = trainer._sample(trainer.train_prompts[:2], 3, (0, 0), 0, "sampling", keep_trajectory=True)
+    traj, _ = trainer._sample(trainer.train_prompts[:2], 3, (0, 0), 0, "sampling", keep_trajectory=True)
     with lora_disabled(trainer.unet):
         log_probs_ref = trainer.sampler.all_log_probs(traj)
     return traj, EpochBatch(traj.log_probs, rewards, log_probs_ref)

@@ -59,7 +59,7 @@ class _Held:
 
 
 def _peak_training_activations(trainer, images):
-    traj, _, _ = trainer._sample(trainer.train_prompts[:2], images, (0, 0), 0, "sampling", keep_trajectory=True)
+    traj, _ = trainer._sample(trainer.train_prompts[:2], images, (0, 0), 0, "sampling", keep_trajectory=True)
     rewards = torch.arange(2 * images, dtype=torch.float32).view(2, images)  # no ties: every chunk has gradient
     batch = EpochBatch(traj.log_probs, rewards, traj.log_probs - 0.01)
     meter = _SavedActivations()

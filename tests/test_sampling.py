@@ -6,16 +6,25 @@ import numpy as np
 import pytest
 import torch
 
-from prdp_core.models import build_tiny_pipeline
+from prdp_core.models import build_tiny_pipeline, build_tiny_xl_pipeline
 from prdp_core.objectives import EpochBatch
 from prdp_core.sampling import Sampler, ddim_mean_std, gaussian_log_prob
 
 
-def test_sampled_images_equal_stock_pipeline():
-    pipe = build_tiny_pipeline()
+def _tiny_xl_with_ddim():
+    from diffusers import DDIMScheduler
+
+    pipe = build_tiny_xl_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    return pipe
+
+
+@pytest.mark.parametrize("build", [build_tiny_pipeline, _tiny_xl_with_ddim], ids=["sd", "sdxl"])
+def test_sampled_images_equal_stock_pipeline(build):
+    pipe = build()
     sampler = Sampler(pipe, num_steps=5, guidance_scale=5.0, eta=1.0)
-    embeds, negative = sampler.encode_prompts(["a painting of a fox"])
-    latents, log_probs = sampler.sample_chunk(embeds, negative, 3, torch.Generator().manual_seed(7))
+    cond, negative = sampler.encode_prompts(["a painting of a fox"])
+    latents, log_probs = sampler.sample_chunk(cond, negative, 3, torch.Generator().manual_seed(7))
     ours = sampler.decode(latents[:, -1])
     stock = pipe("a painting of a fox", num_images_per_prompt=3, num_inference_steps=5, guidance_scale=5.0, eta=1.0,
                  generator=torch.Generator().manual_seed(7), output_type="pt").images
@@ -27,21 +36,22 @@ def test_sampled_images_equal_stock_pipeline():
 def test_recorded_step_matches_diffusers_ddim_step():
     pipe = build_tiny_pipeline()
     sampler = Sampler(pipe, num_steps=5, guidance_scale=3.0, eta=1.0)
-    embeds, negative = sampler.encode_prompts(["a cat"])
-    latents, _ = sampler.sample_chunk(embeds, negative, 2, torch.Generator().manual_seed(0))
+    cond, negative = sampler.encode_prompts(["a cat"])
+    latents, _ = sampler.sample_chunk(cond, negative, 2, torch.Generator().manual_seed(0))
     step = 2
     x_t, x_prev = latents[:, step], latents[:, step + 1]
     timestep = sampler.timesteps[step]
-    output = sampler.guided_prediction(x_t, timestep, embeds, negative)
+    output = sampler.guided_prediction(x_t, timestep, cond, negative)
     mean, std = ddim_mean_std(pipe.scheduler, output, timestep, x_t, 1.0)
     implied_noise = (x_prev - mean) / std
     stock = pipe.scheduler.step(output, timestep, x_t, eta=1.0, variance_noise=implied_noise).prev_sample
     assert (stock - x_prev).abs().max().item() < 1e-5
 
 
-def test_recomputed_log_probs_equal_stored_until_an_update(set_up_trainer):
-    trainer = set_up_trainer(learning_rate=1e-2)
-    traj, _, _ = trainer._sample(trainer.train_prompts[:2], 3, (0, 0), 0, "sampling", keep_trajectory=True)
+@pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-xl"])
+def test_recomputed_log_probs_equal_stored_until_an_update(set_up_trainer, model):
+    trainer = set_up_trainer(learning_rate=1e-2, model=model)
+    traj, _ = trainer._sample(trainer.train_prompts[:2], 3, (0, 0), 0, "sampling", keep_trajectory=True)
     recomputed = trainer.sampler.all_log_probs(traj)
     assert torch.equal(recomputed, traj.log_probs)  # same chunks, same arithmetic: bit-identical on CPU
 
@@ -89,7 +99,7 @@ def test_noise_does_not_depend_on_batch_size(set_up_trainer):
     samples = []
     for batch_size in (3, 2):
         trainer = set_up_trainer(batch_size=batch_size)
-        traj, _, _ = trainer._sample(trainer.train_prompts[:2], 3, (0, 0), 1, "sampling", keep_trajectory=True)
+        traj, _ = trainer._sample(trainer.train_prompts[:2], 3, (0, 0), 1, "sampling", keep_trajectory=True)
         samples.append(traj)
     assert (samples[0].latents - samples[1].latents).abs().max().item() < 1e-4
     assert (samples[0].log_probs - samples[1].log_probs).abs().max().item() < 1e-4
@@ -101,7 +111,7 @@ def test_evaluation_batches_across_prompts_with_the_same_images(set_up_trainer):
     images = {}
     for batch_size in (1, 4):  # 1: every chunk one prompt's image; 4: chunks of 3 prompts x 2 images that straddle
         trainer = set_up_trainer(batch_size=batch_size)
-        _, images[batch_size], _ = trainer._sample(trainer.train_prompts[:3], 2, (0, 9), 0, "eval")
+        _, images[batch_size] = trainer._sample(trainer.train_prompts[:3], 2, (0, 9), 0, "eval")
     assert len(images[4]) == 6
     for one, batched in zip(images[1], images[4]):
         diff = np.abs(np.asarray(one, dtype=np.int16) - np.asarray(batched, dtype=np.int16)).max()

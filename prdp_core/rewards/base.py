@@ -49,12 +49,24 @@ class Reward:
             raise RewardError(f"reward {self.name!r} failed to load: {type(exc).__name__}: {exc}.") from exc
         self._loaded = True
 
+    def offload(self) -> None:
+        """Move the loaded weights to the CPU until the next `score`, which brings them back to `device`: frees
+        accelerator memory for the UNet between scoring phases."""
+        if self._loaded and self.device.type != "cpu":
+            for module in _modules_of(self):
+                module.to("cpu")
+            self._offloaded = True
+
     def score(self, images: list, prompts: Sequence[str]) -> torch.Tensor:
         """Scores [n] (fp32, CPU) for PIL images and their prompts, batched; raises RewardError when the scorer
         fails or returns the wrong count or non-finite values."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         self.ensure_loaded()
+        if getattr(self, "_offloaded", False):
+            for module in _modules_of(self):
+                module.to(self.device)
+            self._offloaded = False
         scores = []
         for start in range(0, len(images), self.batch_size):
             batch_images, batch_prompts = images[start:start + self.batch_size], list(prompts[start:start + self.batch_size])
@@ -66,6 +78,17 @@ class Reward:
                 raise RewardError(f"reward {self.name!r} failed while scoring: {type(exc).__name__}: {exc}.") from exc
             scores.append(_as_scores(out, len(batch_images), self.name))
         return torch.cat(scores)
+
+
+def _modules_of(obj, depth: int = 2) -> list[torch.nn.Module]:
+    """The torch modules a reward holds, directly or inside its own helper objects (e.g. a CLIP encoder)."""
+    found = []
+    for value in vars(obj).values():
+        if isinstance(value, torch.nn.Module):
+            found.append(value)
+        elif depth > 1 and hasattr(value, "__dict__") and type(value).__module__.startswith("prdp_core"):
+            found += _modules_of(value, depth - 1)
+    return found
 
 
 def _as_scores(out, expected: int, name: str) -> torch.Tensor:
@@ -163,6 +186,11 @@ class RewardMix:
         normalization: evaluations use it, since z-scores of different batches are not comparable."""
         components = {name: reward.score(images, prompts) for name, reward in self.rewards.items()}
         return self.combine(components, normalize), components
+
+    def offload(self) -> None:
+        """Every loaded reward model to the CPU until it scores again."""
+        for reward in self.rewards.values():
+            reward.offload()
 
     def combine(self, components: dict[str, torch.Tensor], normalize: bool = True) -> torch.Tensor:
         """The weighted sum of raw component scores, each z-scored first if the mix normalizes."""

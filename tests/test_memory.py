@@ -1,0 +1,107 @@
+"""Memory-lean training: the options change memory and time, never the gradient; fp16 gradient scaling; the text
+cache; the low-VRAM preset; per-phase metering."""
+
+import time
+
+import pytest
+import torch
+
+from prdp_core import TrainConfig, Trainer
+from prdp_core import trainer as trainer_module
+from prdp_core.cli import build_parser, resolve_train_config
+from prdp_core.config import LOW_VRAM
+from prdp_core.errors import ConfigError
+from prdp_core.objectives import EpochBatch
+from prdp_core.sampling import PhaseMeter
+
+
+def _gradient(trainer: Trainer, traj, current) -> torch.Tensor:
+    rewards = torch.tensor([[0.3, -0.2, 0.9], [0.1, 0.4, -0.5]])
+    batch = EpochBatch(current, rewards, current - 1e-3)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._accumulate_gradient(traj, batch, current)
+    return torch.cat([p.grad.flatten() for p in trainer.params])
+
+
+def _trained_looking(trainer: Trainer) -> None:
+    torch.manual_seed(3)
+    for name, param in trainer.unet.named_parameters():
+        if "lora_B" in name:  # non-zero B, so lora_A gets gradient too
+            param.data.normal_(0.0, 0.05)
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-xl"])
+def test_gradient_checkpointing_leaves_the_gradient_unchanged(set_up_trainer, model):
+    plain = set_up_trainer(model=model)
+    _trained_looking(plain)
+    traj, _ = plain._sample(plain.train_prompts[:2], 3, (0, 0), 0, "sampling", keep_trajectory=True)
+    current = plain.sampler.all_log_probs(traj)
+    expected = _gradient(plain, traj, current)
+    checkpointed = set_up_trainer(model=model, gradient_checkpointing=True)
+    _trained_looking(checkpointed)
+    assert checkpointed.unet.is_gradient_checkpointing
+    got = _gradient(checkpointed, traj, current)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_fp16_gradient_is_scaled_and_unscaled_and_retried_on_overflow(set_up_trainer, monkeypatch):
+    reference = set_up_trainer()
+    _trained_looking(reference)
+    traj, _ = reference._sample(reference.train_prompts[:2], 3, (0, 0), 0, "sampling", keep_trajectory=True)
+    current = reference.sampler.all_log_probs(traj)
+    exact = _gradient(reference, traj, current)
+
+    half = set_up_trainer(precision="fp16")
+    _trained_looking(half)
+    scaled = _gradient(half, traj, current)
+    assert torch.isfinite(scaled).all()
+    assert (scaled - exact).norm() / exact.norm() < 0.1  # fp16 rounding only: a missing unscale would be 2**16 off
+
+    # A scale far beyond fp16's range overflows; the chunk is recomputed at smaller scales until it fits.
+    monkeypatch.setattr(trainer_module, "FP16_GRAD_EXPONENT", 30)
+    calls = []
+    original = half.sampler.chunk_log_probs
+    monkeypatch.setattr(half.sampler, "chunk_log_probs", lambda *a: calls.append(1) or original(*a))
+    retried = _gradient(half, traj, current)
+    assert len(calls) > sum(1 for _ in traj.chunks()) * traj.shape[2]  # some chunks ran more than once
+    torch.testing.assert_close(retried, scaled, rtol=0.05, atol=1e-6)
+
+
+def test_prompts_are_encoded_once_per_run(set_up_trainer):
+    trainer = set_up_trainer(model="builtin:tiny-xl", offload_models=True)
+    sampler = trainer.sampler
+    encoded = []
+    for encoder in (trainer.pipe.text_encoder, trainer.pipe.text_encoder_2):
+        encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    cond, negative = sampler.encode_prompts(["a cat", "a dog"])
+    assert cond.embeds.shape[0] == 2 and cond.pooled.shape[0] == 2 and negative.embeds.shape[0] == 1
+    assert not negative.embeds.any() and not negative.pooled.any()  # SDXL: zeros for an empty negative prompt
+    calls = len(encoded)
+    again, _ = sampler.encode_prompts(["a dog", "a cat", "a dog"])
+    assert len(encoded) == calls  # nothing new to encode
+    assert torch.equal(again.embeds[1], cond.embeds[0]) and torch.equal(again.pooled[0], cond.pooled[1])
+    sampler.encode_prompts(["a cat", "a bird"])
+    assert encoded[calls:] == [1, 1]  # only the new prompt, once per text encoder
+
+
+def test_phase_meter_meters_nested_phases_exclusively():
+    meter = PhaseMeter(torch.device("cpu"))
+    with meter.phase("sampling"):
+        time.sleep(0.05)
+        with meter.phase("decode"):
+            time.sleep(0.1)
+    assert 0.04 < meter.seconds["sampling"] < 0.09 and 0.09 < meter.seconds["decode"] < 0.15
+    assert meter.peak_gib == {}  # memory is metered on CUDA only
+
+
+def test_low_vram_preset_applies_under_explicit_flags(tmp_path):
+    args = build_parser().parse_args(["train", "--low-vram", "--batch-size", "2", "--no-vae-tiling"])
+    config = resolve_train_config(args)
+    assert config.batch_size == 2 and config.vae_tiling is False  # explicit flags win
+    assert (config.precision, config.gradient_checkpointing, config.offload_models) == ("fp16", True, True)
+    assert set(LOW_VRAM) <= set(config.to_dict())
+    config.save(tmp_path / "run.toml")
+    assert TrainConfig.load(tmp_path / "run.toml") == config
+    with pytest.raises(ConfigError, match="gradient_checkpointing must be true or false"):
+        TrainConfig(gradient_checkpointing=1).validate()
