@@ -337,6 +337,43 @@ def write_tokenizer_files(folder: str | Path, merges: Sequence[tuple[str, str]] 
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
+def build_tiny_xl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """An SDXL-shaped pipeline (two text encoders, pooled text embedding and size conditioning, SGM-style block
+    layout: a plain first down block, then cross-attention blocks with more transformer layers) small enough for
+    CPU tests: 64x64 images, random weights fixed by `seed`, built from configs."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_byte_tokenizer()
+    tokenizer_2 = build_byte_tokenizer()
+    tokenizer_2.pad_token = "!"  # as SDXL's OpenCLIP tokenizer pads
+    torch.manual_seed(seed)
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + 32, norm_num_groups=32)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 32, 32), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+        sample_size=64, scaling_factor=0.13025)
+    common = dict(intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tokenizer),
+                  max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # ---------------------------------------------------------------------------------------------- LoRA
 def add_lora(unet, rank: int, alpha: float, targets: Sequence[str]) -> int:
     """Wrap the target modules of `unet` in a trainable PEFT LoRA (kohya init: kaiming A, zero B, so the model
