@@ -109,9 +109,9 @@ def load_pipeline(spec: str, dtype: str = "fp32", device: str | torch.device = "
             pipe = _wrap_load(spec, from_hub)
     _check_architecture(pipe, spec)
     if vae:
-        from .single_file import CONFIG_FOLDERS, _load_vae
+        from .single_file import CONFIG_FOLDERS, load_vae
 
-        pipe.vae = _load_vae(vae, CONFIG_FOLDERS["sdxl_base" if is_sdxl(pipe) else "sd15"], torch_dtype)
+        pipe.vae = load_vae(vae, CONFIG_FOLDERS["sdxl_base" if is_sdxl(pipe) else "sd15"], torch_dtype)
     if prediction_type != "auto":
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
     # DDIM with eta > 0 is the policy whose per-step log-probs we train; x0-clipping would make its mean
@@ -134,13 +134,12 @@ def load_pipeline(spec: str, dtype: str = "fp32", device: str | torch.device = "
 def apply_memory_options(pipe, gradient_checkpointing: bool = False, vae_tiling: bool = False,
                          offload_text_encoders: bool = False) -> None:
     """The memory-lean settings of TrainConfig. None changes a result except vae_tiling (tile blending)."""
-    if pipe.vae.device.type != "cpu":
+    if vae_tiling or pipe.vae.device.type != "cpu":
         pipe.vae.enable_slicing()  # one image per VAE decode: same images, a fraction of the peak memory
+    if vae_tiling:
+        pipe.vae.enable_tiling()
     if gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    if vae_tiling:
-        pipe.vae.enable_slicing()
-        pipe.vae.enable_tiling()
     if offload_text_encoders:
         # Prompts are encoded once per run (Sampler's text cache), so the encoders can wait on the CPU.
         for name in ("text_encoder", "text_encoder_2"):
@@ -253,7 +252,7 @@ def is_sdxl(pipe) -> bool:
 def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     """A Stable-Diffusion-shaped pipeline small enough for CPU tests (64x64 images, 8x8 latents), with random
     weights fixed by `seed`. Built entirely from configs: no download."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_byte_tokenizer()
@@ -262,10 +261,7 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
         block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32, 32, 32), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-        sample_size=64)
+    vae = _tiny_vae()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
         vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
@@ -277,6 +273,15 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
                                    image_encoder=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _tiny_vae(**config):
+    """The tiny models' VAE: 64x64 images to 8x8x4 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(32, 32, 32, 32), in_channels=3, out_channels=3, latent_channels=4,
+                         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=64, **config)
 
 
 def build_random_pipeline(folder: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -341,8 +346,7 @@ def build_tiny_xl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     """An SDXL-shaped pipeline (two text encoders, pooled text embedding and size conditioning, SGM-style block
     layout: a plain first down block, then cross-attention blocks with more transformer layers) small enough for
     CPU tests: 64x64 images, random weights fixed by `seed`, built from configs."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = build_byte_tokenizer()
@@ -354,17 +358,16 @@ def build_tiny_xl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
         block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=6 * time_embed_dim + 32, norm_num_groups=32)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32, 32, 32), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-        sample_size=64, scaling_factor=0.13025)
-    common = dict(intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tokenizer),
+        cross_attention_dim=96, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + 64, norm_num_groups=32)
+    vae = _tiny_vae(scaling_factor=0.13025)
+    common = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tokenizer),
                   max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
+    # Unequal widths, as SDXL's 768 and 1280: single-file loading tells the two CLIPs apart by width.
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=64, intermediate_size=128,
+                                                                projection_dim=64, hidden_act="gelu", **common))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type)
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,

@@ -200,6 +200,7 @@ class Sampler:
         self.clock.device = self.device
         self.sdxl = getattr(self.pipe.unet.config, "addition_embed_type", None) == "text_time"
         self._text_cache: dict[str, TextConditioning] = {}  # prompt -> its conditioning, on the UNet's device
+        self._time_ids: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -247,10 +248,13 @@ class Sampler:
         return self._encode([self.negative_prompt])[0]
 
     def time_ids(self, count: int) -> torch.Tensor:
-        """SDXL's size conditioning [count, 6]: original size, crop top-left (0, 0), target size."""
-        side = self.side
-        ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=self.pipe.unet.dtype, device=self.device)
-        return ids.expand(count, -1)
+        """SDXL's size conditioning [count, 6]: original size, crop top-left (0, 0), target size. Built once: it is
+        needed on every UNet call."""
+        unet = self.pipe.unet
+        if self._time_ids is None or self._time_ids.device != unet.device or self._time_ids.dtype != unet.dtype:
+            side = self.side
+            self._time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=unet.dtype, device=unet.device)
+        return self._time_ids.expand(count, -1)
 
     def guided_prediction(self, latents: torch.Tensor, timestep, cond: TextConditioning,
                           negative: TextConditioning) -> torch.Tensor:

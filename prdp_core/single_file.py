@@ -404,7 +404,6 @@ def load_vae(vae: str | os.PathLike, config_folder: str | os.PathLike, torch_dty
     return model
 
 
-_load_vae = load_vae  # the name models.py first imported
 
 
 def _from_single_file(path: Path, folder: Path, family: str, torch_dtype: torch.dtype, vae_model):

@@ -71,8 +71,8 @@ def kohya_convert(key: str, conversion: dict[str, str]) -> str | None:
 def _unet_inputs():
     g = torch.Generator().manual_seed(5)
     return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([500, 20]),
-                encoder_hidden_states=torch.randn(2, 77, 64, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g),
+                encoder_hidden_states=torch.randn(2, 77, 96, generator=g),  # tiny-xl: 32 + 64 wide text encoders
+                added_cond_kwargs={"text_embeds": torch.randn(2, 64, generator=g),
                                    "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64], [64, 64, 8, 0, 64, 64]])})
 
 

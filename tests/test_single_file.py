@@ -24,7 +24,7 @@ from prdp_core import single_file
 from prdp_core.clip_tokenizer import (BPE_FILE, CONFIGS_DIR, build_clip_tokenizer, clip_vocab, tokenizers_for,
                                       write_clip_vocab_files)
 from prdp_core.errors import ModelLoadError
-from prdp_core.models import build_byte_tokenizer, build_tiny_pipeline
+from prdp_core.models import build_byte_tokenizer, build_tiny_pipeline, build_tiny_xl_pipeline
 from prdp_core.single_file import detect_checkpoint, load_single_file
 
 TOLERANCE = 1e-5
@@ -56,37 +56,6 @@ def tiny_sd2_pipeline(seed: int = 0):
     return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-
-
-def tiny_xl_pipeline(seed: int = 0):
-    """SDXL's shape in miniature, like models.build_tiny_xl_pipeline but with text encoders of different widths
-    (32 and 64), as in SDXL (768 and 1280): diffusers tells the two CLIPs of a file apart by their width."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    tokenizer, tokenizer_2 = build_byte_tokenizer(), build_byte_tokenizer()
-    tokenizer_2.pad_token = "!"
-    torch.manual_seed(seed)
-    time_dim = 8
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, down_block_types=("DownBlock2D",
-        "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-        use_linear_projection=True, transformer_layers_per_block=(1, 2), cross_attention_dim=96,
-        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + 64, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), latent_channels=4, layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=32, sample_size=64, scaling_factor=0.13025)
-    common = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tokenizer), max_position_embeddings=77,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, **common))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=64, intermediate_size=128,
-                                                                projection_dim=64, hidden_act="gelu", **common))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
 
 
 def save_as_single_file(pipe, folder: Path, name: str, text_layout: str = "clip"):
@@ -166,7 +135,7 @@ def test_sd2_checkpoint_in_openclip_layout_loads_and_computes_the_same(tmp_path,
 
 
 def test_sdxl_checkpoint_in_sgm_layout_loads_and_computes_the_same(tmp_path, no_network):
-    original = tiny_xl_pipeline()
+    original = build_tiny_xl_pipeline()
     path, config = save_as_single_file(original, tmp_path, "tiny-xl.safetensors")
     assert any(k.startswith("conditioner.embedders.1.model.") for k in _keys(path))
     loaded = load_single_file(path, config_folder=config)

@@ -30,6 +30,7 @@ class Reward:
         self.device = torch.device(device)
         self.dtype = reward_dtype(dtype)
         self._loaded = False
+        self._offloaded = False
 
     def load(self) -> None:
         """Load weights; called once, before the first batch."""
@@ -63,7 +64,7 @@ class Reward:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         self.ensure_loaded()
-        if getattr(self, "_offloaded", False):
+        if self._offloaded:
             for module in _modules_of(self):
                 module.to(self.device)
             self._offloaded = False
