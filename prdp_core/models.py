@@ -235,7 +235,8 @@ def model_info(pipe, name: str, resolution: int = 0) -> ModelInfo:
     if is_sdxl(pipe):
         arch = "sdxl"
     else:
-        arch = "sd2" if config.cross_attention_dim == 1024 else "sd1"
+        # SD2 swapped SD1's convolutional transformer projections for linear ones (and 768 for 1024-wide text)
+        arch = "sd2" if config.cross_attention_dim == 1024 or config.use_linear_projection else "sd1"
     native = config.sample_size * pipe.vae_scale_factor
     layers = config.layers_per_block
     return ModelInfo(name=name, arch=arch, prediction_type=pipe.scheduler.config.prediction_type,
@@ -340,6 +341,32 @@ def write_tokenizer_files(folder: str | Path, merges: Sequence[tuple[str, str]] 
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def build_tiny_sd2_pipeline(seed: int = 0):
+    """SD2's shape in miniature: linear projections in the transformers, attention upcast, an OpenCLIP-style (GELU)
+    text encoder padding with "!" (OpenCLIP's 0), v-prediction. Random weights fixed by `seed`, built from configs."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_byte_tokenizer()
+    tokenizer.pad_token = "!"
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, down_block_types=("CrossAttnDownBlock2D",
+        "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True, norm_num_groups=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu",
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    pipe = StableDiffusionPipeline(unet=unet, vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def build_tiny_xl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):

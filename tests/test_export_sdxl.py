@@ -8,6 +8,7 @@ library/sdxl_model_util.py `make_unet_conversion_map` (transcribed below as the 
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -16,7 +17,9 @@ from prdp_core.config import KOHYA_UNET_TARGETS
 from prdp_core.errors import ExportError
 from prdp_core.export import (LoraWeights, a1111_user_metadata, export_lora, kohya_name, kohya_state_dict,
                               sgm_module_path)
-from prdp_core.models import ModelInfo, add_lora, build_tiny_xl_pipeline, lora_modules, lora_parameters, model_info
+from prdp_core.models import (ModelInfo, add_lora, build_tiny_sd2_pipeline, build_tiny_xl_pipeline, load_pipeline,
+                              lora_modules, lora_parameters, model_info)
+from prdp_core.trainer import Trainer
 
 PROMPT = "a painting of a wolf"
 RANK, ALPHA = 4, 6.0  # alpha != rank: a lost or misread alpha changes the output
@@ -256,3 +259,28 @@ def test_a1111_detects_each_architecture(adapted_xl):
         weights = LoraWeights(xl.state_dict, RANK, ALPHA, xl.targets, ModelInfo("m", arch, "epsilon", 512, 2))
         meta = kohya_metadata(weights, kohya_state_dict(weights), "x")
         assert _detect_version(meta) == expected == a1111_user_metadata(weights)["sd version"]
+
+
+# ------------------------------------------------------------------------------------ train -> export -> diffusers
+@pytest.mark.parametrize("build,version,prediction", [(build_tiny_sd2_pipeline, "SD2", "v"),
+                                                      (build_tiny_xl_pipeline, "SDXL", "epsilon")])
+def test_trained_lora_reloads_in_diffusers_as_the_run_left_it(tmp_path, tiny_config, build, version, prediction):
+    """The user's whole path for SD2 (v-prediction) and SDXL: a diffusers folder -> prdp training -> the exported
+    kohya file -> a fresh pipeline's load_lora_weights draws what the run's in-memory adapter draws."""
+    folder = tmp_path / "model"
+    build().save_pretrained(folder)
+    trainer = Trainer(type(tiny_config).from_dict({**tiny_config.to_dict(), "model": str(folder), "lora_alpha": 6.0,
+                                                   "learning_rate": 3e-2}))
+    lora = trainer.run()
+    with safe_open(str(lora), framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert _detect_version(meta) == version and meta["modelspec.prediction_type"] == prediction
+    if version == "SDXL":
+        assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+                   for k in keys)
+    trained = _images(trainer.pipe)
+    fresh = load_pipeline(str(folder))
+    base = _images(fresh)
+    fresh.load_lora_weights(str(lora))
+    assert np.abs(_images(fresh) - trained).max() < 1e-3
+    assert np.abs(trained - base).max() > 1e-2  # the run moved the model, so the comparison can fail

@@ -24,40 +24,13 @@ from prdp_core import single_file
 from prdp_core.clip_tokenizer import (BPE_FILE, CONFIGS_DIR, build_clip_tokenizer, clip_vocab, tokenizers_for,
                                       write_clip_vocab_files)
 from prdp_core.errors import ModelLoadError
-from prdp_core.models import build_byte_tokenizer, build_tiny_pipeline, build_tiny_xl_pipeline
+from prdp_core.models import build_tiny_pipeline, build_tiny_sd2_pipeline, build_tiny_xl_pipeline
 from prdp_core.single_file import detect_checkpoint, load_single_file
 
 TOLERANCE = 1e-5
 
 
-# ---------------------------------------------------------------------------------------------- tiny models
-def tiny_sd2_pipeline(seed: int = 0):
-    """SD2's shape in miniature: linear projections in the transformers, an OpenCLIP-style (GELU) text encoder
-    stored in OpenCLIP's layout, v-prediction."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = build_byte_tokenizer()
-    tokenizer.pad_token = "!"  # SD2 pads with OpenCLIP's 0
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, down_block_types=("CrossAttnDownBlock2D",
-        "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), latent_channels=4, layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=32, sample_size=64)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu",
-        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
+# ---------------------------------------------------------------------------------------------- checkpoint files
 def save_as_single_file(pipe, folder: Path, name: str, text_layout: str = "clip"):
     """The checkpoint in original layout, plus a diffusers config folder without any weights."""
     state = pipeline_to_original(pipe, text_layout)
@@ -125,7 +98,7 @@ def test_sd1_checkpoint_loads_offline_and_computes_the_same(tmp_path, no_network
 
 
 def test_sd2_checkpoint_in_openclip_layout_loads_and_computes_the_same(tmp_path, no_network):
-    original = tiny_sd2_pipeline()
+    original = build_tiny_sd2_pipeline()
     path, config = save_as_single_file(original, tmp_path, "tiny-sd2.safetensors", text_layout="openclip")
     assert "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight" in _keys(path)  # OpenCLIP's last
     loaded = load_single_file(path, config_folder=config)
