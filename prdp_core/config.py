@@ -46,9 +46,9 @@ class TrainConfig:
                         ".safetensors/.ckpt checkpoint.", "model")
     vae: str = _field("", "A separate VAE file (.safetensors, e.g. from A1111's models/VAE) used instead of the "
                       "model's own; empty: the model's.", "model")
-    prediction_type: str = _field("auto", "What the model's UNet predicts; auto reads it from the model (a "
-                                  "single-file SD2 checkpoint counts as v-prediction unless an A1111 <name>.yaml "
-                                  "beside it says otherwise).", "model",
+    prediction_type: str = _field("auto", "What the model's UNet predicts; auto reads it from the model (for a "
+                                  "single-file SD2 checkpoint: an A1111 <name>.yaml beside it, else its weights as "
+                                  "ComfyUI reads them, else v-prediction).", "model",
                                   choices=("auto", "epsilon", "v_prediction"))
     prompts: str = _field("builtin:toy_train", "Training prompts: a .txt file (one per line, # comments), a .json "
                           "list, or a builtin set (builtin:animals, builtin:toy_train, builtin:toy_unseen).", "model")

@@ -106,7 +106,7 @@ def load_single_file(path: str | os.PathLike, torch_dtype: torch.dtype = torch.f
     """A StableDiffusionPipeline or StableDiffusionXLPipeline from a single-file checkpoint, without network access.
 
     `prediction_type` ("epsilon" | "v_prediction") overrides what the file implies (an A1111 `<name>.yaml` beside
-    it, a "v_pred" marker key, the SD2 default); `vae` is a separate VAE file (A1111 models/VAE) replacing the
+    it, a "v_pred" marker key, for SD2 its weights as ComfyUI reads them, else SD2's v-prediction default); `vae` is a separate VAE file (A1111 models/VAE) replacing the
     checkpoint's own; `config_folder` is a diffusers config folder to use instead of the shipped ones (it then
     defines the architecture). Raises ModelLoadError with the fix when the file cannot be used."""
     _check_prediction_type(prediction_type)
@@ -121,9 +121,12 @@ def load_single_file(path: str | os.PathLike, torch_dtype: torch.dtype = torch.f
         family = FAMILY_OF_FOLDER[folder.name]
         _check_parts(shapes, family, path.name, separate_vae=vae is not None)
         if family == "sd2" and explicit is None and _marked_prediction(shapes) is None:
-            warnings.warn(f"{path.name} is an SD2.x checkpoint; assuming v-prediction at 768 px (SD 2.x-768): for a "
-                          f"512-px epsilon model such as SD 2.1-base pass prediction_type='epsilon' or put A1111's "
-                          f"{path.stem}.yaml beside it.", stacklevel=2)
+            explicit = sd2_prediction_from_weights(path)
+            if explicit is None:
+                warnings.warn(f"{path.name} is an SD2.x checkpoint; assuming v-prediction at 768 px (SD 2.x-768): "
+                              f"for a 512-px epsilon model such as SD 2.1-base pass prediction_type='epsilon' or put "
+                              f"A1111's {path.stem}.yaml beside it.", stacklevel=2)
+            folder = CONFIG_FOLDERS[detect_checkpoint(shapes, explicit, path.name)]
     else:  # the folder defines the architecture (tests use tiny models whose shapes match no real family)
         folder = Path(config_folder)
         family = _family_of_folder(folder)
@@ -266,6 +269,22 @@ def _prediction_from_yaml(path: Path) -> str | None:
         raise ModelLoadError(f"{yaml_path.name} beside the checkpoint is not a readable LDM/SGM config; fix or remove "
                              f"it.") from None
     return "v_prediction" if is_v else "epsilon"
+
+
+def sd2_prediction_from_weights(path: Path) -> str | None:
+    """ComfyUI's test (supported_models.SD20.model_type): SD2 v-prediction models have a wider spread in the bias of
+    the last transformer's first norm (std > 0.09) than epsilon ones. None when the file lacks that tensor."""
+    key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            bias = file.get_tensor(key) if key in file.keys() else None
+    else:
+        bias = load_pickled_state_dict(path).get(key)
+    if bias is None:
+        return None
+    return "v_prediction" if bias.float().std(unbiased=False).item() > 0.09 else "epsilon"
 
 
 def _marked_prediction(shapes: Shapes) -> str | None:

@@ -335,6 +335,39 @@ def test_detection_maps_real_key_sets_to_config_folders(keys, kwargs, folder):
     assert detect_checkpoint({k: torch.empty(s, device="meta") for k, s in keys.items()}, **kwargs) == folder
 
 
+BIAS_KEY = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_sd2_prediction_is_read_from_the_weights_as_comfyui_does(tmp_path, suffix):
+    """ComfyUI's rule: std of that norm bias above 0.09 means v-prediction (SD 2.x-768), below means epsilon."""
+    torch.manual_seed(0)
+    for spread, expected in ((0.2, "v_prediction"), (0.02, "epsilon")):
+        path = tmp_path / f"sd2-{spread}{suffix}"
+        state = {BIAS_KEY: spread * torch.randn(320), "other": torch.zeros(2)}
+        if suffix == ".safetensors":
+            save_file(state, path)
+        else:
+            torch.save({"state_dict": state, "global_step": 1}, path)  # Lightning's nesting
+        assert single_file.sd2_prediction_from_weights(path) == expected
+    save_file({"other": torch.zeros(2)}, tmp_path / "none.safetensors")
+    assert single_file.sd2_prediction_from_weights(tmp_path / "none.safetensors") is None
+
+
+@pytest.mark.parametrize("spread, folder", [(0.2, "sd21"), (0.02, "sd21_base")])
+def test_sd2_checkpoint_loads_with_the_config_its_weights_imply(tmp_path, monkeypatch, recwarn, spread, folder):
+    path = tmp_path / "sd2.safetensors"
+    save_file({BIAS_KEY: spread * torch.randn(320, generator=torch.Generator().manual_seed(0))}, path)
+    monkeypatch.setattr(single_file, "read_checkpoint_shapes", lambda _: (SD2, {}))  # the real file is GBs
+
+    def capture(path, config_folder, *args):
+        raise LookupError(config_folder.name)
+    monkeypatch.setattr(single_file, "_from_single_file", capture)
+    with pytest.raises(LookupError, match=f"^{folder}$"):
+        load_single_file(path)
+    assert not [w for w in recwarn if "assuming v-prediction" in str(w.message)]  # decided, so no guess to flag
+
+
 @pytest.mark.parametrize("keys, expected", [
     (REFINER, "is an SDXL refiner checkpoint"),
     ({**SD15, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "is an SD1 inpainting checkpoint"),
