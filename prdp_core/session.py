@@ -1,0 +1,169 @@
+"""One training run per process, driven from a UI: start, stop (leaving a resumable checkpoint), resume, and a
+snapshot of what a face shows (status, progress, reward curve per component, latest samples, evaluations, log).
+
+The trainer runs in a background thread and reports through its events; faces (the Gradio tab, ComfyUI nodes) poll
+`snapshot()` from their own threads. A failed run ends in status "failed" with its one-sentence message; the process
+and the session stay usable."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import TrainConfig
+from .errors import PrdpError
+from .events import (CheckpointWritten, EpochEnd, EpochSampled, Evaluated, Event, Failed, Finished, Progress,
+                     RunStarted)
+
+# The model, the GPU and the run folder are not shared: one run at a time in this process, whichever face started it.
+_RUN_LOCK = threading.Lock()
+LOG_LINES = 200  # the log a face shows; the run folder keeps everything
+
+
+class BusyError(PrdpError):
+    """Another run holds this process."""
+
+
+@dataclass
+class Snapshot:
+    status: str = "idle"  # idle | running | finished | stopped | failed
+    run_dir: Path | None = None
+    epoch: int = 0  # completed epochs
+    epochs: int = 0
+    phase: str = ""
+    phase_done: int = 0
+    phase_total: int = 0
+    curve: list[dict[str, float]] = field(default_factory=list)  # per epoch: epoch, reward, then each component
+    samples: list[tuple[Any, str]] = field(default_factory=list)  # latest epoch: (PIL image, "reward | prompt")
+    evaluations: dict[str, dict] = field(default_factory=dict)  # "before" / "epoch-N" / "after" -> set -> stats
+    log: list[str] = field(default_factory=list)
+    error: str = ""
+    lora_path: Path | None = None
+
+
+class RunSession:
+    def __init__(self, on_change: Callable[[Snapshot], None] | None = None):
+        self._state = Snapshot()
+        self._guard = threading.Lock()  # guards _state between the training thread and the face's threads
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._on_change = on_change or (lambda snapshot: None)
+
+    # ------------------------------------------------------------------------------------------ control
+    def start(self, config: TrainConfig) -> None:
+        """Start a new run. Config, prompt and reward-name errors raise here, before anything runs."""
+        from .trainer import Trainer
+
+        self._launch(lambda on_event: Trainer(config, on_event), config.epochs)
+
+    def resume(self, run_dir: str | Path, **changes) -> None:
+        """Continue a stopped (or crashed) run from its last checkpoint; `changes` as Trainer.resume allows."""
+        from .trainer import Trainer
+
+        self._launch(lambda on_event: Trainer.resume(run_dir, on_event, **changes), changes.get("epochs"))
+
+    def stop(self) -> None:
+        """Ask the run to stop at the next chunk; it checkpoints, exports what it has and ends as "stopped"."""
+        if self._stop is not None:
+            self._stop.set()
+            self._log("stopping after the current step...")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once no run is in progress (for tests and scripts; faces poll snapshot() instead)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return not self.running
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def snapshot(self) -> Snapshot:
+        with self._guard:
+            return replace(self._state, curve=list(self._state.curve), samples=list(self._state.samples),
+                           evaluations=dict(self._state.evaluations), log=list(self._state.log))
+
+    # ------------------------------------------------------------------------------------------ the thread
+    def _launch(self, make_trainer: Callable, epochs: int | None) -> None:
+        if not _RUN_LOCK.acquire(blocking=False):
+            raise BusyError("a training run is already in progress in this process; stop it or wait for it to "
+                            "finish, then start again.")
+        try:
+            trainer = make_trainer(self._on_event)
+        except BaseException:
+            _RUN_LOCK.release()
+            raise
+        self._stop = threading.Event()
+        with self._guard:
+            self._state = Snapshot(status="running", epochs=epochs or trainer.config.epochs)
+        self._thread = threading.Thread(target=self._run, args=(trainer, self._stop), name="prdp-run", daemon=True)
+        self._thread.start()
+
+    def _run(self, trainer, stop: threading.Event) -> None:
+        try:
+            trainer.run(stop)
+        except Exception:  # the trainer has emitted Failed with the message; the face shows it
+            pass
+        finally:
+            _RUN_LOCK.release()
+
+    def _on_event(self, event: Event) -> None:
+        with self._guard:
+            _apply(self._state, event)
+        self._on_change(self.snapshot())
+
+    def _log(self, line: str) -> None:
+        with self._guard:
+            _append_log(self._state, line)
+        self._on_change(self.snapshot())
+
+
+def _apply(state: Snapshot, event: Event) -> None:
+    """Fold one trainer event into what a face shows."""
+    if isinstance(event, RunStarted):
+        state.run_dir, state.epoch = event.run_dir, event.start_epoch
+        state.epochs = event.config.epochs
+        if event.start_epoch:  # a resumed run's curve starts with the epochs already in its metrics
+            from .trainer import METRICS_FILE
+
+            lines = (event.run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
+            state.curve = [_curve_row(m) for m in map(json.loads, filter(str.strip, lines)) if "reward_mean" in m]
+        _append_log(state, f"run folder {event.run_dir}; LoRA on {event.lora_modules} modules"
+                           + (f"; resumed after epoch {event.start_epoch}" if event.start_epoch else ""))
+    elif isinstance(event, Progress):
+        state.phase, state.phase_done, state.phase_total = event.phase, event.done, event.total
+    elif isinstance(event, EpochSampled):
+        state.samples = [(image, f"{reward:.4g} | {prompt}")
+                         for image, reward, prompt in zip(event.images, event.rewards, event.prompts)]
+    elif isinstance(event, EpochEnd):
+        state.epoch = event.epoch
+        state.curve.append(_curve_row(event.metrics))
+        _append_log(state, f"epoch {event.epoch}/{state.epochs}: reward {event.metrics['reward_mean']:.4g}")
+    elif isinstance(event, Evaluated):
+        state.evaluations[event.label] = event.results
+        means = ", ".join(f"{name} {stats['mean']:.4g} ± {stats['se']:.2g}" for name, stats in event.results.items())
+        _append_log(state, f"evaluation {event.label}: {means}")
+    elif isinstance(event, CheckpointWritten):
+        _append_log(state, f"checkpoint {event.path.name}")
+    elif isinstance(event, Finished):
+        state.status = "stopped" if event.cancelled else "finished"
+        state.lora_path, state.phase = event.lora_path, ""
+        _append_log(state, f"{state.status}; LoRA {event.lora_path}" if event.lora_path else state.status)
+    elif isinstance(event, Failed):
+        state.status, state.error, state.phase = "failed", event.message, ""
+        _append_log(state, f"failed: {event.message}")
+
+
+def _curve_row(metrics: dict) -> dict[str, float]:
+    """One epoch of the reward curve: the weighted total and each component's mean."""
+    return {"epoch": metrics["epoch"], "reward": metrics["reward_mean"],
+            **{name: stats["mean"] for name, stats in metrics.get("rewards", {}).items()}}
+
+
+def _append_log(state: Snapshot, line: str) -> None:
+    state.log.append(f"{time.strftime('%H:%M:%S')} {line}")
+    del state.log[:-LOG_LINES]
