@@ -168,6 +168,19 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="Weight dtype of a model-based reward (default fp32).")
     server.set_defaults(func=cmd_reward_server)
+
+    ui = commands.add_parser("ui", help="Open the Gradio tab in the browser (needs the ui extra: pip install "
+                             "'prdp-lora[ui]').", description="Serve the training tab on this machine, opening on the "
+                             "embedded toy model.")
+    ui.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1, this machine only; "
+                    "the app has no authentication).")
+    ui.add_argument("--port", type=int, default=7860, help="Port (default 7860).")
+    ui.add_argument("--models", metavar="DIR", default="", help="A folder of checkpoints to offer as base models "
+                    "(A1111 models/Stable-diffusion, ComfyUI models/checkpoints, or diffusers folders).")
+    ui.add_argument("--loras", metavar="DIR", default="loras", help="Where exported LoRAs are saved (default loras).")
+    ui.add_argument("--out", metavar="DIR", default="runs", help="Folder of the run folders (default runs).")
+    ui.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 
@@ -478,3 +491,18 @@ def cmd_reward_server(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------------------------------------------------------ ui
+def cmd_ui(args) -> int:
+    try:
+        from prdp_ui import HostContext, build_tab, discover_models
+    except ImportError as exc:
+        raise PrdpError(f"the tab needs Gradio ({exc}); install it with pip install 'prdp-lora[ui]'.") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} lets other machines start training runs here (no authentication).",
+              file=sys.stderr)
+    context = HostContext(models=discover_models(args.models), lora_dir=Path(args.loras), output_dir=Path(args.out),
+                          device=args.device)
+    build_tab(context).queue().launch(server_name=args.host, server_port=args.port)
+    return 0

@@ -7,12 +7,13 @@ and the session stay usable."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 from .config import TrainConfig
 from .errors import PrdpError
@@ -46,7 +47,11 @@ class Snapshot:
 
 
 class RunSession:
-    def __init__(self, on_change: Callable[[Snapshot], None] | None = None):
+    def __init__(self, on_change: Callable[[Snapshot], None] | None = None,
+                 gpu_lock: Callable[[], ContextManager] = contextlib.nullcontext):
+        """`on_change` gets every new snapshot (from the training thread); `gpu_lock` is held for the whole run
+        (a host's own lock, e.g. A1111's queue_lock, so its generations wait instead of running out of memory)."""
+        self._gpu_lock = gpu_lock
         self._state = Snapshot()
         self._guard = threading.Lock()  # guards _state between the training thread and the face's threads
         self._stop: threading.Event | None = None
@@ -68,7 +73,7 @@ class RunSession:
 
     def stop(self) -> None:
         """Ask the run to stop at the next chunk; it checkpoints, exports what it has and ends as "stopped"."""
-        if self._stop is not None:
+        if self._stop is not None and not self._stop.is_set():
             self._stop.set()
             self._log("stopping after the current step...")
 
@@ -105,7 +110,8 @@ class RunSession:
 
     def _run(self, trainer, stop: threading.Event) -> None:
         try:
-            trainer.run(stop)
+            with self._gpu_lock():
+                trainer.run(stop)
         except Exception:  # the trainer has emitted Failed with the message; the face shows it
             pass
         finally:

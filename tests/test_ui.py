@@ -1,0 +1,152 @@
+"""The Gradio tab: the form <-> config mapping, the callbacks (run, stop, resume, export, config files) driven as the
+tab drives them, and the Blocks wiring under the installed Gradio."""
+
+import pytest
+import torch
+
+from prdp_core.config import TrainConfig
+from prdp_core.errors import ConfigError
+from prdp_ui.form import ADVANCED, BASIC, config_to_form, from_widget, prompt_source
+from prdp_ui.tab import FIELDS, HostContext, TabState, discover_models
+
+
+@pytest.fixture
+def tab(tmp_path):
+    return TabState(HostContext(models=["builtin:tiny"], lora_dir=tmp_path / "loras", output_dir=tmp_path / "runs"))
+
+
+def form_of(state: TabState, config: TrainConfig) -> tuple:
+    values, weights = config_to_form(config, FIELDS, state.rewards)
+    return values, weights, config.prompts, "", None
+
+
+def test_every_field_has_one_widget():
+    assert sorted(BASIC + ADVANCED + ("prompts", "rewards", "reward_options", "output_dir", "device")) == sorted(
+        f for f in TrainConfig().to_dict())
+    assert "reward_options" not in FIELDS  # reward options have no widget yet; a loaded config keeps none
+
+
+def test_form_round_trip(tab, tmp_path):
+    config = TrainConfig(model="builtin:tiny", lora_targets=["to_q", "to_v"], gradient_checkpointing=True,
+                         rewards={"jpeg_compressibility": 1.0, "toy_match": 0.5}, learning_rate=3e-4, epochs=3,
+                         precision="bf16", output_dir=str(tmp_path / "runs"))
+    assert tab.config(*form_of(tab, config)) == TrainConfig.from_dict({**config.to_dict(), "device": "auto"})
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("epochs", 2.5, "whole number"), ("epochs", None, "is empty"), ("learning_rate", "", "is empty")])
+def test_widget_values_that_are_not_the_field_type(name, value, message):
+    with pytest.raises(ConfigError, match=message):
+        from_widget(name, value)
+
+
+def test_prompt_sources(tmp_path):
+    upload = tmp_path / "mine.txt"
+    assert prompt_source("builtin:animals", "a cat", str(upload), tmp_path) == str(upload)
+    typed = prompt_source("builtin:animals", " a red fox \n\n an owl at night\n", None, tmp_path)
+    assert open(typed).read() == "a red fox\nan owl at night\n"
+    assert prompt_source("builtin:animals", "  ", None, tmp_path) == "builtin:animals"
+    with pytest.raises(ConfigError, match="no training prompts"):
+        prompt_source("", "", None, tmp_path)
+
+
+def test_bad_form_is_a_message_not_an_exception(tab, tiny_config):
+    values, weights, *prompts = form_of(tab, tiny_config)
+    values[FIELDS.index("epochs")] = 0
+    assert tab.start(values, weights, *prompts).startswith("Not started: epochs")
+    assert tab.start(values, [0.0] * len(weights), *prompts).startswith("Not started: ")  # no reward picked
+    assert tab.stop() == "No run in progress."
+    assert tab.export("x", "kohya", "fp16") == ("Export needs a finished or stopped run.", None)
+
+
+def test_run_poll_export_and_reload_in_diffusers(tab, tiny_config):
+    from prdp_core.models import load_pipeline
+
+    assert tab.start(*form_of(tab, TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 2}))) == "Started."
+    assert tab.start(*form_of(tab, tiny_config)).startswith("Not started: a training run is already in progress")
+    assert tab.session.wait(600)
+    status, curve, samples, before_after, log = tab.poll()
+    assert status.startswith("**finished** - epoch 2/2")
+    assert curve.size[0] > 100 and samples and before_after.endswith("before_after.png")
+    assert "epoch 2/2" in log
+
+    assert tab.export("../escape", "kohya", "fp16")[0].startswith("Not exported: LoRA name")
+    message, path = tab.export("my_lora", "kohya", "fp16")
+    assert message == f"Saved {path}." and path == str(tab.context.lora_dir / "my_lora.safetensors")
+    pipe = load_pipeline("builtin:tiny")
+    before = pipe.unet.conv_out.weight.sum().item()
+    pipe.load_lora_weights(path)
+    latents, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        with_lora = pipe.unet(latents, 500, text).sample
+        pipe.disable_lora()
+        without = pipe.unet(latents, 500, text).sample
+    assert pipe.unet.conv_out.weight.sum().item() == before
+    assert (with_lora - without).abs().max() > 0  # the trained LoRA changes the UNet's output
+
+
+def test_stop_and_resume_from_the_tab(tab, tiny_config):
+    stopped = []
+
+    def stop_at_first_epoch(snapshot):
+        if snapshot.epoch == 1 and not stopped:
+            stopped.append(tab.stop())
+    tab.session._on_change = stop_at_first_epoch
+    tab.start(*form_of(tab, TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 3})))
+    assert tab.session.wait(600) and stopped[0].startswith("Stopping")
+    assert tab.poll()[0].startswith("**stopped** - epoch 1/3")
+    assert tab.resume("").startswith("Resuming ")  # empty: the last run
+    assert tab.session.wait(600) and tab.poll()[0].startswith("**finished** - epoch 3/3")
+    assert tab.resume(str(tab.context.output_dir / "nothing-here")).startswith("Not resumed: ")
+
+
+def test_config_file_save_and_load(tab, tiny_config):
+    form = form_of(tab, TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 7}))
+    message, path = tab.save_config(*form)
+    assert message == f"Saved {path}."
+    loaded = tab.load_config(path)
+    assert loaded == [*form[0], *form[1], tiny_config.prompts]
+
+
+def test_model_discovery(tmp_path):
+    (tmp_path / "sd15.safetensors").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "old.ckpt").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "model_index.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("")
+    models = discover_models(tmp_path)
+    assert models[0] == "builtin:toy"
+    assert models[-3:] == [str(tmp_path / "folder"), str(tmp_path / "sd15.safetensors"),
+                           str(tmp_path / "sub" / "old.ckpt")]
+
+
+def test_tab_builds_and_wires_its_events():
+    pytest.importorskip("gradio")
+    from prdp_ui import build_tab
+
+    blocks = build_tab(HostContext())
+    names = [getattr(fn, "name", "") or getattr(fn.fn, "__name__", "") for fn in blocks.fns.values()] \
+        if isinstance(blocks.fns, dict) else [fn.fn.__name__ for fn in blocks.fns]
+    assert len(names) == 7  # start, stop, resume, export, save, load, poll
+    assert {"stop", "resume", "export", "load_config", "poll"} <= set(names)
+
+
+def test_prdp_ui_serves_on_this_machine_only_by_default(monkeypatch, tmp_path):
+    gradio = pytest.importorskip("gradio")
+    from prdp_core.cli import main
+
+    launched = {}
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
+    assert main(["ui", "--models", str(tmp_path), "--loras", str(tmp_path / "loras")]) == 0
+    assert launched == {"server_name": "127.0.0.1", "server_port": 7860}
+
+
+def test_the_engine_imports_no_host():
+    import subprocess
+    import sys
+
+    code = ("import sys, prdp_core, prdp_core.cli, prdp_core.session, prdp_core.trainer; "
+            "print(sorted(m for m in ('gradio', 'comfy', 'modules') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
