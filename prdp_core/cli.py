@@ -489,16 +489,15 @@ def cmd_reward_server(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ------------------------------------------------------------------------------------------------ ui
 def cmd_ui(args) -> int:
     try:
-        from prdp_ui import HostContext, build_tab, discover_models
-    except ImportError as exc:
-        raise PrdpError(f"the tab needs Gradio ({exc}); install it with pip install 'prdp-lora[ui]'.") from None
+        import gradio  # noqa: F401  (only the tab needs it)
+    except ImportError:
+        raise PrdpError("the tab needs Gradio, which is not installed; install it with pip install "
+                        "'prdp-lora[ui]'.") from None
+    from prdp_ui import HostContext, build_tab, discover_models
+
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} lets other machines start training runs here (no authentication).",
               file=sys.stderr)
@@ -506,3 +505,8 @@ def cmd_ui(args) -> int:
                           device=args.device)
     build_tab(context).queue().launch(server_name=args.host, server_port=args.port)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -150,3 +150,13 @@ def test_the_engine_imports_no_host():
             "print(sorted(m for m in ('gradio', 'comfy', 'modules') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_prdp_ui_without_gradio_says_how_to_install(monkeypatch, capsys):
+    import sys
+
+    from prdp_core.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio now raises ImportError
+    assert main(["ui"]) == 2
+    assert "pip install 'prdp-lora[ui]'" in capsys.readouterr().err
