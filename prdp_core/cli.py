@@ -509,4 +509,3 @@ def cmd_ui(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

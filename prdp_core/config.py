@@ -42,8 +42,9 @@ def _field(default, help: str, group: str, choices: tuple | None = None, **kwarg
 class TrainConfig:
     # --- what to train on
     model: str = _field("builtin:toy", "Base model: a builtin name (builtin:toy, the shipped toy-world model; "
-                        "builtin:tiny and builtin:tiny-xl, random weights in SD1 and SDXL shapes), a hub id, a local diffusers folder, or a single-file "
-                        ".safetensors/.ckpt checkpoint.", "model")
+                        "builtin:tiny and builtin:tiny-xl, random weights in SD1 and SDXL shapes; "
+                        "builtin:random-sd15|sd21|sdxl, the real architectures with random weights), a hub id, a local "
+                        "diffusers folder, or a single-file .safetensors/.ckpt checkpoint.", "model")
     vae: str = _field("", "A separate VAE file (.safetensors, e.g. from A1111's models/VAE) used instead of the "
                       "model's own; empty: the model's.", "model")
     prediction_type: str = _field("auto", "What the model's UNet predicts; auto reads it from the model (for a "

@@ -304,8 +304,8 @@ def build_random_pipeline(folder: Path, dtype: torch.dtype = torch.float32, devi
             for name in ("text_encoder", "text_encoder_2"):
                 if name in index:
                     config = CLIPTextConfig.from_json_file(folder / name / "config.json")
-                    cls = CLIPTextModelWithProjection if index[name][1] == "CLIPTextModelWithProjection" else CLIPTextModel
-                    encoders[name] = cls(config)
+                    with_projection = index[name][1] == "CLIPTextModelWithProjection"
+                    encoders[name] = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
     finally:
         torch.set_default_dtype(default_dtype)
     scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(folder / "scheduler"))

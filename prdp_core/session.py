@@ -63,13 +63,13 @@ class RunSession:
         """Start a new run. Config, prompt and reward-name errors raise here, before anything runs."""
         from .trainer import Trainer
 
-        self._launch(lambda on_event: Trainer(config, on_event), config.epochs)
+        self._launch(lambda on_event: Trainer(config, on_event))
 
     def resume(self, run_dir: str | Path, **changes) -> None:
         """Continue a stopped (or crashed) run from its last checkpoint; `changes` as Trainer.resume allows."""
         from .trainer import Trainer
 
-        self._launch(lambda on_event: Trainer.resume(run_dir, on_event, **changes), changes.get("epochs"))
+        self._launch(lambda on_event: Trainer.resume(run_dir, on_event, **changes))
 
     def stop(self) -> None:
         """Ask the run to stop at the next chunk; it checkpoints, exports what it has and ends as "stopped"."""
@@ -93,7 +93,7 @@ class RunSession:
                            evaluations=dict(self._state.evaluations), log=list(self._state.log))
 
     # ------------------------------------------------------------------------------------------ the thread
-    def _launch(self, make_trainer: Callable, epochs: int | None) -> None:
+    def _launch(self, make_trainer: Callable) -> None:
         if not _RUN_LOCK.acquire(blocking=False):
             raise BusyError("a training run is already in progress in this process; stop it or wait for it to "
                             "finish, then start again.")
@@ -104,7 +104,7 @@ class RunSession:
             raise
         self._stop = threading.Event()
         with self._guard:
-            self._state = Snapshot(status="running", epochs=epochs or trainer.config.epochs)
+            self._state = Snapshot(status="running", epochs=trainer.config.epochs)
         self._thread = threading.Thread(target=self._run, args=(trainer, self._stop), name="prdp-run", daemon=True)
         self._thread.start()
 

@@ -106,9 +106,9 @@ def load_single_file(path: str | os.PathLike, torch_dtype: torch.dtype = torch.f
     """A StableDiffusionPipeline or StableDiffusionXLPipeline from a single-file checkpoint, without network access.
 
     `prediction_type` ("epsilon" | "v_prediction") overrides what the file implies (an A1111 `<name>.yaml` beside
-    it, a "v_pred" marker key, for SD2 its weights as ComfyUI reads them, else SD2's v-prediction default); `vae` is a separate VAE file (A1111 models/VAE) replacing the
-    checkpoint's own; `config_folder` is a diffusers config folder to use instead of the shipped ones (it then
-    defines the architecture). Raises ModelLoadError with the fix when the file cannot be used."""
+    it, a "v_pred" marker key, for SD2 its weights as ComfyUI reads them, else SD2's v-prediction default); `vae` is
+    a separate VAE file (A1111 models/VAE) replacing the checkpoint's own; `config_folder` is a diffusers config
+    folder to use instead of the shipped ones (it then defines the architecture). Raises ModelLoadError with the fix when the file cannot be used."""
     _check_prediction_type(prediction_type)
     path = Path(path).expanduser()
     if not path.is_file():
