@@ -343,6 +343,18 @@ def write_tokenizer_files(folder: str | Path, merges: Sequence[tuple[str, str]] 
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
+def make_text_encoder_portable(folder: str | Path) -> None:
+    """Rewrite a saved CLIPTextModel's model.safetensors with the `text_model.` key prefix. Transformers 5 saves
+    without it (its CLIPTextModel has no text_model wrapper) and reads both layouts; transformers 4.x, which A1111 and
+    Forge run, reads only the prefixed one and would silently start from random weights."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / "model.safetensors"
+    state = load_file(path)
+    save_file({key if key.startswith("text_model.") else f"text_model.{key}": tensor for key, tensor in state.items()},
+              path, metadata={"format": "pt"})
+
+
 def build_tiny_sd2_pipeline(seed: int = 0):
     """SD2's shape in miniature: linear projections in the transformers, attention upcast, an OpenCLIP-style (GELU)
     text encoder padding with "!" (OpenCLIP's 0), v-prediction. Random weights fixed by `seed`, built from configs."""

@@ -36,6 +36,29 @@ def test_tokenizer_makes_every_toy_word_one_token_in_both_tokenizer_kinds():
     assert pipe.tokenizer("a photo of a dog").input_ids[1:-1]  # other text still tokenises, by characters
 
 
+def test_text_encoder_file_is_read_by_transformers_4_as_well(tmp_path):
+    """Transformers 5 saves CLIPTextModel without the `text_model.` prefix that 4.x (A1111, Forge) needs; 4.x would
+    load nothing and draw from a random text encoder. The shipped file and the training script use the prefix."""
+    import torch
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from prdp_core.models import make_text_encoder_portable
+
+    with safe_open(str(TOY_MODEL_DIR / "text_encoder" / "model.safetensors"), "pt") as shipped:
+        assert all(key.startswith("text_model.") for key in shipped.keys())
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                         num_hidden_layers=1, vocab_size=99, max_position_embeddings=16)).eval()
+    model.save_pretrained(tmp_path)
+    make_text_encoder_portable(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as written:
+        assert all(key.startswith("text_model.") for key in written.keys())
+    ids = torch.tensor([[0, 5, 17, 98, 1]])
+    with torch.no_grad():
+        assert torch.equal(CLIPTextModel.from_pretrained(tmp_path)(ids)[0], model(ids)[0])
+
+
 def test_learn_merges_reaches_one_token_per_word():
     merges = learn_merges({"red": 3, "green": 2, "reed": 1})
     pieces = {}

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from diffusers import StableDiffusionPipeline
 
-    from ..models import write_tokenizer_files
+    from ..models import make_text_encoder_portable, write_tokenizer_files
 
     torch.manual_seed(args.seed)
     log = lambda message: print(message, flush=True)  # noqa: E731
@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(args.out)
     write_tokenizer_files(Path(args.out, "tokenizer"), toy_merges())  # for transformers 4.x hosts as well
+    make_text_encoder_portable(Path(args.out, "text_encoder"))  # likewise
     report = {"timings": {k: round(v, 1) for k, v in timings.items()}, "args": {**vars(args), "out": None}}
     for split in ("train", "unseen"):
         prompts = evaluation_prompts(split, 64, seed=7)
