@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
@@ -55,23 +56,23 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
         return image
     x_min, x_max = min(p[0] for p in points), max(p[0] for p in points)
     y_min, y_max = min(p[1] for p in points), max(p[1] for p in points)
-    x_max, y_max = (x_max if x_max > x_min else x_min + 1), (y_max if y_max > y_min else y_min + 1e-6)
+    x_max = x_max if x_max > x_min else x_min + 1
+    if y_max == y_min:  # a flat line sits mid-plot, with readable ticks around it
+        y_min, y_max = y_min - 0.5, y_max + 0.5
 
     def to_px(x: float, y: float) -> tuple[float, float]:
         return (left + (x - x_min) / (x_max - x_min) * (width - left - right),
                 height - bottom - (y - y_min) / (y_max - y_min) * (height - top - bottom))
 
-    integer_x = all(float(p[0]).is_integer() for p in points) and x_max - x_min >= 4
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):
-        y = y_min + (y_max - y_min) * i / 4
+    for y in _ticks(y_min, y_max):
         _, py = to_px(x_min, y)
         draw.line([left - 4, py, left, py], fill="black")
         draw.text((4, py - 6), f"{y:.4g}", fill="black", font=font)
-        x = x_min + (x_max - x_min) * i / 4
+    for x in _ticks(x_min, x_max, integers=all(float(p[0]).is_integer() for p in points)):
         px, _ = to_px(x, y_min)
         draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
-        draw.text((px - 8, height - bottom + 6), f"{x:.0f}" if integer_x else f"{x:.3g}", fill="black", font=font)
+        draw.text((px - 8, height - bottom + 6), f"{x:.4g}", fill="black", font=font)
     draw.text((width // 2 - 16, height - 14), x_label, fill="black", font=font)
     for k, (name, (xs, ys)) in enumerate(series.items()):
         colour = _COLOURS[k % len(_COLOURS)]
@@ -85,3 +86,14 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
         draw.text((width - right - 200, top + 4 + 12 * k), f"- {name}", fill=colour, font=font)
     return image
+
+
+def _ticks(low: float, high: float, integers: bool = False) -> list[float]:
+    """Three to seven round tick values (steps of 1, 2 or 5 x 10^k) inside [low, high]; whole numbers for epochs."""
+    raw = (high - low) / 6
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if m * step >= raw)
+    if integers:
+        step = max(1, round(step))
+    first = math.ceil(low / step - 1e-9) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]

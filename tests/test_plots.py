@@ -1,0 +1,22 @@
+"""Reward curves readable at a glance: round tick values, whole-number epochs."""
+
+import pytest
+
+from prdp_core.plots import _ticks, line_plot
+
+
+@pytest.mark.parametrize("low, high, integers, ticks", [
+    (1, 6, True, [1, 2, 3, 4, 5, 6]),  # every epoch of a short run
+    (1, 16, True, [5, 10, 15]),
+    (1, 2, True, [1, 2]),
+    (-3.2, 7.9, False, [-2, 0, 2, 4, 6]),
+    (18.2, 24.7, False, [20, 22, 24]),
+])
+def test_ticks_are_round_and_inside_the_range(low, high, integers, ticks):
+    assert _ticks(low, high, integers) == pytest.approx(ticks)
+
+
+def test_flat_and_single_point_curves_draw():
+    image = line_plot({"reward": ([1], [0.5])}, "one epoch")
+    # the lone point sits on the left edge, half-way between the plot's top (28 px) and bottom (360 - 40 px)
+    assert image.getpixel((64, (28 + 320) // 2)) == (0x1F, 0x77, 0xB4)
