@@ -40,6 +40,7 @@ class Snapshot:
     phase_total: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)  # per epoch: epoch, reward, then each component
     samples: list[tuple[Any, str]] = field(default_factory=list)  # latest epoch: (PIL image, "reward | prompt")
+    sampled: int = 0  # how many times `samples` was replaced, so a face redraws the gallery only when it changed
     evaluations: dict[str, dict] = field(default_factory=dict)  # "before" / "epoch-N" / "after" -> set -> stats
     log: list[str] = field(default_factory=list)
     error: str = ""
@@ -145,6 +146,7 @@ def _apply(state: Snapshot, event: Event) -> None:
     elif isinstance(event, EpochSampled):
         state.samples = [(image, f"{reward:.4g} | {prompt}")
                          for image, reward, prompt in zip(event.images, event.rewards, event.prompts)]
+        state.sampled += 1
     elif isinstance(event, EpochEnd):
         state.epoch = event.epoch
         state.curve.append(_curve_row(event.metrics))

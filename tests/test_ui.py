@@ -6,8 +6,8 @@ import torch
 
 from prdp_core.config import TrainConfig
 from prdp_core.errors import ConfigError
-from prdp_ui.form import ADVANCED, BASIC, config_to_form, from_widget, prompt_source
-from prdp_ui.tab import FIELDS, HostContext, TabState, discover_models
+from prdp_ui.form import FIELDS, OWN_WIDGETS, config_to_form, from_widget, prompt_source
+from prdp_ui.tab import UNCHANGED, HostContext, TabState, discover_models
 
 
 @pytest.fixture
@@ -21,20 +21,21 @@ def form_of(state: TabState, config: TrainConfig) -> tuple:
 
 
 def test_every_field_has_one_widget():
-    assert sorted(BASIC + ADVANCED + ("prompts", "rewards", "reward_options", "output_dir", "device")) == sorted(
-        f for f in TrainConfig().to_dict())
-    assert "reward_options" not in FIELDS  # reward options have no widget yet; a loaded config keeps none
+    assert sorted(FIELDS + OWN_WIDGETS) == sorted(TrainConfig().to_dict())
 
 
 def test_form_round_trip(tab, tmp_path):
     config = TrainConfig(model="builtin:tiny", lora_targets=["to_q", "to_v"], gradient_checkpointing=True,
-                         rewards={"jpeg_compressibility": 1.0, "toy_match": 0.5}, learning_rate=3e-4, epochs=3,
+                         rewards={"jpeg_compressibility": 1.0, "http": 0.5},
+                         reward_options={"http": {"url": "http://127.0.0.1:9/score", "timeout": 5}},
+                         learning_rate=3e-4, epochs=3,
                          precision="bf16", output_dir=str(tmp_path / "runs"))
     assert tab.config(*form_of(tab, config)) == TrainConfig.from_dict({**config.to_dict(), "device": "auto"})
 
 
 @pytest.mark.parametrize("name, value, message", [
-    ("epochs", 2.5, "whole number"), ("epochs", None, "is empty"), ("learning_rate", "", "is empty")])
+    ("epochs", 2.5, "whole number"), ("epochs", None, "is empty"), ("learning_rate", "", "is empty"),
+    ("reward_options", "{http: 1}", "must be JSON")])
 def test_widget_values_that_are_not_the_field_type(name, value, message):
     with pytest.raises(ConfigError, match=message):
         from_widget(name, value)
@@ -65,10 +66,11 @@ def test_run_poll_export_and_reload_in_diffusers(tab, tiny_config):
     assert tab.start(*form_of(tab, TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 2}))) == "Started."
     assert tab.start(*form_of(tab, tiny_config)).startswith("Not started: a training run is already in progress")
     assert tab.session.wait(600)
-    status, curve, samples, before_after, log = tab.poll()
+    status, log, curve, samples, before_after, key = tab.poll()
     assert status.startswith("**finished** - epoch 2/2")
     assert curve.size[0] > 100 and samples and before_after.endswith("before_after.png")
     assert "epoch 2/2" in log
+    assert tab.poll(key)[2:] == (UNCHANGED, UNCHANGED, UNCHANGED, key)  # nothing new: the pictures are not re-sent
 
     assert tab.export("../escape", "kohya", "fp16")[0].startswith("Not exported: LoRA name")
     message, path = tab.export("my_lora", "kohya", "fp16")
@@ -101,11 +103,14 @@ def test_stop_and_resume_from_the_tab(tab, tiny_config):
 
 
 def test_config_file_save_and_load(tab, tiny_config):
-    form = form_of(tab, TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 7}))
+    config = TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 7, "rewards": {"aesthetic": 1.0},
+                                    "reward_options": {"aesthetic": {"head": "/models/sac_logos_ava1-l14.pth"}}})
+    form = form_of(tab, config)
     message, path = tab.save_config(*form)
     assert message == f"Saved {path}."
     loaded = tab.load_config(path)
     assert loaded == [*form[0], *form[1], tiny_config.prompts]
+    assert TrainConfig.load(path).reward_options == config.reward_options  # the options survive the file
 
 
 def test_model_discovery(tmp_path):

@@ -15,12 +15,14 @@ from typing import Any
 from prdp_core.config import TrainConfig, config_fields, field_type
 from prdp_core.errors import ConfigError
 
-# Shown open; everything else folds away under "Advanced". The host decides output_dir and device; rewards and
-# reward_options have their own widgets; prompts come from PromptSources.
+# Shown open; REWARD sits with the reward weights; everything else folds away under "advanced". The host decides
+# output_dir and device; the reward mix has one weight widget per reward; prompts come from prompt_source.
 BASIC = ("model", "eval_prompts", "lora_rank", "lora_alpha", "epochs", "prompts_per_epoch", "images_per_prompt",
          "num_steps", "guidance_scale", "beta", "clip_range", "learning_rate", "seed")
-OWN_WIDGETS = ("prompts", "rewards", "reward_options", "output_dir", "device")
-ADVANCED = tuple(f.name for f in config_fields() if f.name not in BASIC + OWN_WIDGETS)
+REWARD = ("reward_options",)
+OWN_WIDGETS = ("prompts", "rewards", "output_dir", "device")
+ADVANCED = tuple(f.name for f in config_fields() if f.name not in BASIC + REWARD + OWN_WIDGETS)
+FIELDS = BASIC + REWARD + ADVANCED  # the order the tab passes widget values in
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ def from_widget(name: str, value: Any) -> Any:
         try:
             return json.loads(value or "{}")
         except json.JSONDecodeError:
-            raise ConfigError(f"{name.replace('_', ' ')} must be JSON such as {{\"key\": 1}}, got {value!r}.") from None
+            raise ConfigError(f"{name.replace('_', ' ')} must be JSON such as {{\"http\": {{\"url\": "
+                              f"\"http://127.0.0.1:8000\"}}}}, got {value!r}.") from None
     if kind is bool:
         return bool(value)
     return "" if value is None else str(value)

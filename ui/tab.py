@@ -19,11 +19,12 @@ from prdp_core.prompts import builtin_prompt_sets
 from prdp_core.rewards import reward_names
 from prdp_core.session import RunSession, Snapshot
 
-from .form import ADVANCED, BASIC, config_to_form, field_specs, form_to_config, prompt_source, to_widget
+from .form import ADVANCED, BASIC, FIELDS, REWARD, config_to_form, field_specs, form_to_config, prompt_source, \
+    to_widget
 
-FIELDS = BASIC + ADVANCED
 EXPORT_FORMATS = ("kohya", "diffusers")
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
+UNCHANGED = object()  # poll's "this output is as the caller last saw it"; build_tab sends Gradio's no-op update
 
 
 @dataclass
@@ -74,12 +75,17 @@ class TabState:
             return f"Not resumed: {exc}"
         return f"Resuming {run_dir}."
 
-    def poll(self) -> tuple[str, Any, list, Any, str]:
-        """Status line, reward-curve image, latest samples, before/after grid, log."""
+    def poll(self, seen: tuple | None = None) -> tuple:
+        """Status line, log, reward-curve image, latest samples, before/after grid, and the key of what was sent.
+
+        The three pictures are rebuilt only when they changed since the caller's `seen` key (else UNCHANGED), so a
+        tab polling every second does not re-send a gallery of 512 px images each time."""
         state = self.session.snapshot()
-        before_after = state.run_dir / "previews" / "before_after.png" if state.run_dir else None
-        return (_status_line(state), _curve(state), state.samples,
-                str(before_after) if before_after and before_after.is_file() else None, "\n".join(state.log))
+        grid = state.run_dir / "previews" / "before_after.png" if state.run_dir else None
+        grid_time = grid.stat().st_mtime_ns if grid and grid.is_file() else None
+        key = (str(state.run_dir), len(state.curve), state.sampled, grid_time)
+        pictures = (UNCHANGED,) * 3 if key == seen else (_curve(state), state.samples, grid_time and str(grid))
+        return (_status_line(state), "\n".join(state.log), *pictures, key)
 
     def export(self, name: str, fmt: str, dtype: str) -> tuple[str, str | None]:
         state = self.session.snapshot()
@@ -142,7 +148,9 @@ def _curve(state: Snapshot):
     if not state.curve:
         return None
     epochs = [row["epoch"] for row in state.curve]
-    series = {name: (epochs, [row[name] for row in state.curve]) for name in state.curve[0] if name != "epoch"}
+    components = [name for name in state.curve[0] if name not in ("epoch", "reward")]
+    names = ["reward", *components] if len(components) > 1 else ["reward"]  # one component is the total itself
+    series = {name: (epochs, [row[name] for row in state.curve]) for name in names}
     return line_plot(series, "reward per epoch (training samples)")
 
 
@@ -157,57 +165,73 @@ def build_tab(context: HostContext | None = None):
     widgets = {}
 
     def widget(spec):
-        value = getattr(defaults, spec.name)
+        value, common = getattr(defaults, spec.name), {"info": spec.help, "elem_id": f"prdp_{spec.name}"}
         if spec.name == "model":
-            return gr.Dropdown(choices=ctx.models, value=value, label="base model", info=spec.help,
-                               allow_custom_value=True)
+            return gr.Dropdown(choices=ctx.models, value=value, label="base model", allow_custom_value=True, **common)
         if spec.kind == "checkbox":
-            return gr.Checkbox(value=value, label=spec.label, info=spec.help)
+            return gr.Checkbox(value=value, label=spec.label, **common)
         if spec.kind == "dropdown":
-            return gr.Dropdown(choices=list(spec.choices), value=value, label=spec.label, info=spec.help)
+            return gr.Dropdown(choices=list(spec.choices), value=value, label=spec.label, **common)
         if spec.kind in ("int", "float"):
-            return gr.Number(value=value, label=spec.label, info=spec.help, precision=0 if spec.kind == "int" else None)
-        return gr.Textbox(value=to_widget(spec.name, value), label=spec.label, info=spec.help)
+            return gr.Number(value=value, label=spec.label, precision=0 if spec.kind == "int" else None, **common)
+        return gr.Textbox(value=to_widget(spec.name, value), label=spec.label, **common)
 
+    def rows(specs, per_row):
+        for i in range(0, len(specs), per_row):
+            with gr.Row():
+                for spec in specs[i:i + per_row]:
+                    widgets[spec.name] = widget(spec)
+
+    basic = {spec.name: spec for spec in field_specs(BASIC)}
     with gr.Blocks(analytics_enabled=False, title="PRDP LoRA") as blocks:
         gr.Markdown("## PRDP reward finetuning: train a LoRA that raises a reward, then load it in any UI")
         with gr.Row():
             with gr.Column():
-                builtin = gr.Dropdown(choices=[f"builtin:{n}" for n in builtin_prompt_sets()],
-                                      value=defaults.prompts, label="built-in prompt set",
-                                      allow_custom_value=True)  # a loaded config may name a prompt file
-                prompt_text = gr.Textbox(lines=4, label="or prompts, one per line (used instead of the set)")
-                prompt_file = gr.File(label="or a prompt file (.txt, .json)", file_types=[".txt", ".json"])
+                widgets["model"] = widget(basic.pop("model"))
+                with gr.Accordion("training prompts", open=True):
+                    builtin = gr.Dropdown(choices=[f"builtin:{n}" for n in builtin_prompt_sets()],
+                                          value=defaults.prompts, label="built-in prompt set",
+                                          allow_custom_value=True)  # a loaded config may name a prompt file
+                    prompt_text = gr.Textbox(lines=3, label="or prompts, one per line (used instead of the set)")
+                    prompt_file = gr.File(label="or a prompt file (.txt, .json)", file_types=[".txt", ".json"])
+                    widgets["eval_prompts"] = widget(basic.pop("eval_prompts"))
                 with gr.Accordion("reward mix (weight 0 = not used)", open=True):
-                    weights = [gr.Number(value=defaults.rewards.get(name, 0.0), label=name)
-                               for name in state.rewards]
-                for spec in field_specs(BASIC):
-                    widgets[spec.name] = widget(spec)
+                    weights = []
+                    for i in range(0, len(state.rewards), 5):
+                        with gr.Row():
+                            weights += [gr.Number(value=defaults.rewards.get(name, 0.0), label=name, min_width=100,
+                                                  elem_id=f"prdp_reward_{name}") for name in state.rewards[i:i + 5]]
+                    rows(field_specs(REWARD), 1)
+                with gr.Accordion("training", open=True):
+                    rows(list(basic.values()), 3)
                 with gr.Accordion("advanced", open=False):
-                    for spec in field_specs(ADVANCED):
-                        widgets[spec.name] = widget(spec)
+                    rows(field_specs(ADVANCED), 2)
                 with gr.Row():
                     save = gr.Button("save config")
                     load = gr.File(label="load config (.toml, .json)", file_types=[".toml", ".json"])
-                config_file = gr.File(label="saved config", interactive=False)
+                    config_file = gr.File(label="saved config", interactive=False)
             with gr.Column():
                 with gr.Row():
                     start = gr.Button("start", variant="primary")
-                    stop = gr.Button("stop")
-                    resume_dir = gr.Textbox(label="run folder to resume (empty: the last run)")
+                    stop = gr.Button("stop", variant="stop")
                     resume = gr.Button("resume")
-                message = gr.Markdown()
-                status = gr.Markdown("No run yet.")
-                curve = gr.Image(label="reward curve", type="pil", interactive=False)
-                gallery = gr.Gallery(label="latest epoch: reward | prompt")
-                before_after = gr.Image(label="before / after on fixed seeds", interactive=False)
-                log = gr.Textbox(label="log", lines=8, max_lines=20, interactive=False)
+                resume_dir = gr.Textbox(label="run folder to resume (empty: the last run)")
+                # elem_ids are prefixed: A1111 puts every extension's tab in one page
+                message = gr.Markdown(elem_id="prdp_message")
+                status = gr.Markdown("No run yet.", elem_id="prdp_status")
+                curve = gr.Image(label="reward curve", show_label=False, type="pil", interactive=False,
+                                 elem_id="prdp_curve")  # the plot carries its own title
+                gallery = gr.Gallery(label="latest epoch: reward | prompt", columns=4, height=360, elem_id="prdp_gallery")
+                before_after = gr.Image(label="before / after on fixed seeds", interactive=False, height=512,
+                                        elem_id="prdp_before_after")
+                log = gr.Textbox(label="log", lines=8, max_lines=20, interactive=False, elem_id="prdp_log")
                 with gr.Row():
-                    export_name = gr.Textbox(label="LoRA name", value="prdp_lora")
+                    export_name = gr.Textbox(label="LoRA name", value="prdp_lora", elem_id="prdp_export_name")
                     export_format = gr.Dropdown(choices=list(EXPORT_FORMATS), value="kohya", label="format")
                     export_dtype = gr.Dropdown(choices=list(EXPORT_DTYPES), value="fp16", label="dtype")
-                    export = gr.Button("export")
-                exported = gr.File(label="exported LoRA", interactive=False)
+                export = gr.Button("export")
+                exported = gr.File(label="exported LoRA", interactive=False, elem_id="prdp_exported")
+        seen = gr.State(None)  # per browser tab: the key of the pictures it shows
 
         fields = [widgets[name] for name in FIELDS]
         form = [*fields, *weights, builtin, prompt_text, prompt_file]
@@ -216,16 +240,20 @@ def build_tab(context: HostContext | None = None):
             n, m = len(fields), len(weights)
             return list(values[:n]), list(values[n:n + m]), *values[n + m:]
 
+        def poll(last_seen):
+            return [gr.update() if value is UNCHANGED else value for value in state.poll(last_seen)]
+
         start.click(lambda *v: state.start(*split(v)), inputs=form, outputs=message)
         stop.click(state.stop, outputs=message)
         resume.click(state.resume, inputs=resume_dir, outputs=message)
         export.click(state.export, inputs=[export_name, export_format, export_dtype], outputs=[message, exported])
         save.click(lambda *v: state.save_config(*split(v)), inputs=form, outputs=[message, config_file])
         load.upload(state.load_config, inputs=load, outputs=[*fields, *weights, builtin])
-        outputs = [status, curve, gallery, before_after, log]
+        outputs = [status, log, curve, gallery, before_after, seen]
+        # hidden: a progress overlay every second would make the outputs flicker
         if hasattr(gr, "Timer"):  # Gradio >= 4.40
-            gr.Timer(1.0).tick(state.poll, outputs=outputs)
+            gr.Timer(1.0).tick(poll, inputs=seen, outputs=outputs, show_progress="hidden")
         else:  # Gradio 3.x polls through `every`
-            blocks.load(state.poll, outputs=outputs, every=1.0)
+            blocks.load(poll, inputs=seen, outputs=outputs, every=1.0, show_progress="hidden")
     blocks.prdp_state = state  # for tests and hosts that want the session
     return blocks

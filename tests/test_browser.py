@@ -1,0 +1,180 @@
+"""The standalone tab in a real browser: Playwright drives Debian's chromium against `prdp ui` on 127.0.0.1 through a
+short toy run (start, watch the curve and gallery, stop, resume, export) and the exported file loads in diffusers.
+
+Needs the system chromium (`apt-get install chromium`) and the `playwright` package; never downloads a browser.
+Skipped without them, except where PRDP_REQUIRE_BROWSER=1 (CI) makes a missing browser a failure. Host Gradio
+worlds: PRDP_GRADIO_PYTHONS="/venv-a1111/bin/python /venv-forge/bin/python" runs the same test with each of those
+interpreters serving the tab the way A1111/Forge mount it, as a tab of the host's own Blocks (each venv needs
+prdp-lora installed, see .ci/run)."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+CHROMIUM = os.environ.get("PRDP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+PYTHONS = [sys.executable, *os.environ.get("PRDP_GRADIO_PYTHONS", "").split()]
+EPOCHS = 6  # about 2 s each here: room to stop after the first and still have epochs left to resume
+HOST_TAB = "PRDP"
+# How A1111 and Forge show an extension's tab (modules/ui.py): its Blocks rendered inside a TabItem of their own.
+MOUNTED_IN_A_HOST = f"""
+import sys
+from pathlib import Path
+import gradio as gr
+from prdp_ui import HostContext, build_tab
+
+port, out, loras = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+tab = build_tab(HostContext(output_dir=out, lora_dir=loras))
+with gr.Blocks(analytics_enabled=False) as host:
+    with gr.Tabs():
+        with gr.TabItem("txt2img"):
+            gr.Markdown("the host's own tab")
+        with gr.TabItem("{HOST_TAB}"):
+            tab.render()
+host.queue().launch(server_name="127.0.0.1", server_port=port)
+"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not CHROMIUM:
+        if os.environ.get("PRDP_REQUIRE_BROWSER") == "1":
+            pytest.fail("the browser test needs the playwright package and Debian's chromium (apt-get install chromium)")
+        pytest.skip("no playwright package or no system chromium")
+    with sync_playwright() as playwright:
+        # --no-sandbox: CI runs as root, where chromium's sandbox refuses to start
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(params=PYTHONS, ids=lambda python: Path(python).parents[1].name)  # the venv's folder name
+def app(request, tmp_path):
+    """The tab served on a free local port: `prdp ui` by this interpreter, mounted in a host's Blocks by the others.
+    Yields (url, whether it is mounted, loras folder, server log)."""
+    port, log, mounted = _free_port(), tmp_path / "server.log", request.param != sys.executable
+    folders = [str(tmp_path / "runs"), str(tmp_path / "loras")]
+    command = ["-c", MOUNTED_IN_A_HOST, str(port), *folders] if mounted else \
+        ["-m", "prdp_core.cli", "ui", "--port", str(port), "--out", folders[0], "--loras", folders[1]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as out:
+        server = subprocess.Popen([request.param, *command], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, f"prdp ui exited:\n{log.read_text()}"
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"prdp ui did not answer in 2 minutes:\n{log.read_text()}")
+        yield url, mounted, tmp_path / "loras", log
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _set_field(page, name: str, value) -> None:
+    field = page.locator(f"#prdp_{name} :is(input, textarea)")
+    field.fill(str(value))
+    field.press("Tab")  # Gradio takes a number on change/blur
+
+
+def test_short_toy_run_in_the_browser(browser, app, tmp_path):
+    from playwright.sync_api import expect
+
+    url, mounted, loras, log = app
+    page = browser.new_page(viewport={"width": 1400, "height": 1800})
+    page.goto(url)
+    if mounted:
+        # a "tab" role from Gradio 4 on, a plain button in Gradio 3
+        page.get_by_role("tab", name=HOST_TAB).or_(page.get_by_role("button", name=HOST_TAB, exact=True)).click()
+    # .last: Gradio 3 repeats a Markdown's elem_id on its wrapper
+    status, message = page.locator("#prdp_status").last, page.locator("#prdp_message").last
+    expect(status).to_contain_text("No run yet", timeout=60_000)
+
+    for name, value in [("epochs", EPOCHS), ("prompts_per_epoch", 2), ("images_per_prompt", 2), ("num_steps", 6)]:
+        _set_field(page, name, value)
+    page.get_by_text("advanced", exact=True).click()
+    _set_field(page, "eval_max_prompts", 2)
+    _set_field(page, "eval_images_per_prompt", 2)
+
+    page.get_by_role("button", name="start", exact=True).click()
+    expect(message).to_contain_text("Started", timeout=60_000)
+    expect(status).to_contain_text("epoch 1/", timeout=120_000)
+    # the toy model draws its captions in this Python too (a text encoder that failed to load scores about 0)
+    before = re.search(r"evaluation before: seen ([0-9.e-]+)", page.locator("#prdp_log textarea").input_value())
+    assert before and float(before[1]) > 0.2, page.locator("#prdp_log textarea").input_value()
+    page.get_by_role("button", name="stop", exact=True).click()
+    expect(status).to_contain_text("stopped", timeout=120_000)
+    stopped_at = int(status.inner_text().split("epoch ")[1].split("/")[0])
+    assert 1 <= stopped_at < EPOCHS, status.inner_text()
+    # the live views were filled while it ran: a curve image and the epoch's samples
+    curve = page.locator("#prdp_curve img")
+    expect(curve).to_have_count(1)
+    assert page.locator("#prdp_gallery img").count() >= 2
+    curve_when_stopped = curve.get_attribute("src")
+
+    page.get_by_role("button", name="resume", exact=True).click()
+    expect(message).to_contain_text("Resuming", timeout=60_000)
+    expect(status).to_contain_text(f"finished - epoch {EPOCHS}/{EPOCHS}", timeout=300_000)
+    expect(page.locator("#prdp_before_after img")).to_have_count(1, timeout=30_000)
+    expect(curve).not_to_have_attribute("src", curve_when_stopped, timeout=30_000)  # redrawn with the new epochs
+    expect(page.locator("#prdp_log textarea")).to_have_value(
+        re.compile(f"resumed after epoch {stopped_at}"), timeout=30_000)
+
+    _set_field(page, "export_name", "../escape")
+    page.get_by_role("button", name="export", exact=True).click()
+    expect(message).to_contain_text("Not exported: LoRA name", timeout=60_000)
+    _set_field(page, "export_name", "browser_lora")
+    page.get_by_role("button", name="export", exact=True).click()
+    expect(message).to_contain_text("Saved", timeout=60_000)
+    link = page.locator("#prdp_exported a").first
+    expect(link).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(1500)  # one more poll, so the screenshot shows the final state
+    page.screenshot(path=str(tmp_path / "finished_run.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'finished_run.png'}")
+    with page.expect_download() as download:  # the file the tab offers is the file it saved
+        link.click()
+    downloaded = tmp_path / "downloaded.safetensors"
+    download.value.save_as(downloaded)
+    assert downloaded.read_bytes() == (loras / "browser_lora.safetensors").read_bytes()
+
+    _assert_loads_in_diffusers(downloaded)
+    assert "Traceback" not in log.read_text()
+
+
+def _assert_loads_in_diffusers(path: Path) -> None:
+    from prdp_core.models import load_pipeline
+
+    pipe = load_pipeline("builtin:toy")
+    unet = pipe.unet
+    latents = torch.randn(1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                          generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, 8, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        without = unet(latents, 500, text).sample
+        pipe.load_lora_weights(str(path))
+        with_lora = unet(latents, 500, text).sample
+    assert (with_lora - without).abs().max() > 1e-4  # the trained LoRA is in the file and changes the UNet
