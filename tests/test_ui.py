@@ -102,7 +102,7 @@ def test_stop_and_resume_from_the_tab(tab, tiny_config):
     assert tab.resume(str(tab.context.output_dir / "nothing-here")).startswith("Not resumed: ")
 
 
-def test_config_file_save_and_load(tab, tiny_config):
+def test_config_file_save_and_load(tab, tiny_config, tmp_path):
     config = TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 7, "rewards": {"aesthetic": 1.0},
                                     "reward_options": {"aesthetic": {"head": "/models/sac_logos_ava1-l14.pth"}}})
     form = form_of(tab, config)
@@ -111,6 +111,10 @@ def test_config_file_save_and_load(tab, tiny_config):
     loaded = tab.load_config(path)
     assert loaded == [*form[0], *form[1], tiny_config.prompts]
     assert TrainConfig.load(path).reward_options == config.reward_options  # the options survive the file
+    broken = tmp_path / "broken.toml"
+    broken.write_text("epochs = \n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):  # build_tab shows it as a notice, the form stays
+        tab.load_config(str(broken))
 
 
 def test_model_discovery(tmp_path):

@@ -240,6 +240,12 @@ def build_tab(context: HostContext | None = None):
             n, m = len(fields), len(weights)
             return list(values[:n]), list(values[n:n + m]), *values[n + m:]
 
+        def load_config(upload):
+            try:
+                return state.load_config(upload)
+            except PrdpError as exc:  # the form keeps what it had; the message shows as a notice
+                raise gr.Error(f"Not loaded: {exc}") from None
+
         def poll(last_seen):
             return [gr.update() if value is UNCHANGED else value for value in state.poll(last_seen)]
 
@@ -248,7 +254,7 @@ def build_tab(context: HostContext | None = None):
         resume.click(state.resume, inputs=resume_dir, outputs=message)
         export.click(state.export, inputs=[export_name, export_format, export_dtype], outputs=[message, exported])
         save.click(lambda *v: state.save_config(*split(v)), inputs=form, outputs=[message, config_file])
-        load.upload(state.load_config, inputs=load, outputs=[*fields, *weights, builtin])
+        load.upload(load_config, inputs=load, outputs=[*fields, *weights, builtin])
         outputs = [status, log, curve, gallery, before_after, seen]
         # hidden: a progress overlay every second would make the outputs flicker
         if hasattr(gr, "Timer"):  # Gradio >= 4.40
