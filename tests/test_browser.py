@@ -51,7 +51,8 @@ def browser():
         sync_playwright = None
     if sync_playwright is None or not CHROMIUM:
         if os.environ.get("PRDP_REQUIRE_BROWSER") == "1":
-            pytest.fail("the browser test needs the playwright package and Debian's chromium (apt-get install chromium)")
+            pytest.fail("the browser test needs the playwright package and Debian's chromium "
+                        "(apt-get install chromium)")
         pytest.skip("no playwright package or no system chromium")
     with sync_playwright() as playwright:
         # --no-sandbox: CI runs as root, where chromium's sandbox refuses to start

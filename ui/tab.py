@@ -221,7 +221,8 @@ def build_tab(context: HostContext | None = None):
                 status = gr.Markdown("No run yet.", elem_id="prdp_status")
                 curve = gr.Image(label="reward curve", show_label=False, type="pil", interactive=False,
                                  elem_id="prdp_curve")  # the plot carries its own title
-                gallery = gr.Gallery(label="latest epoch: reward | prompt", columns=4, height=360, elem_id="prdp_gallery")
+                gallery = gr.Gallery(label="latest epoch: reward | prompt", columns=4, height=360,
+                                     elem_id="prdp_gallery")
                 before_after = gr.Image(label="before / after on fixed seeds", interactive=False, height=512,
                                         elem_id="prdp_before_after")
                 log = gr.Textbox(label="log", lines=8, max_lines=20, interactive=False, elem_id="prdp_log")
