@@ -390,7 +390,8 @@ def cmd_sample(args) -> int:
         if not lora.is_file():
             raise ConfigError(f"LoRA file {lora} does not exist.")
         try:
-            pipe.load_lora_weights(str(lora), adapter_name="prdp")
+            # folder + weight_name: diffusers before the fix of its issue 14195 refuses a bare file path offline
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="prdp")
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             raise PrdpError(f"LoRA {lora} does not fit model {args.model}: {str(exc).splitlines()[0]}") from None
         pipe.set_adapters(["prdp"], adapter_weights=[args.lora_scale])

@@ -65,7 +65,8 @@ def test_fp16_gradient_is_scaled_and_unscaled_and_retried_on_overflow(set_up_tra
     monkeypatch.setattr(half.sampler, "chunk_log_probs", lambda *a: calls.append(1) or original(*a))
     retried = _gradient(half, traj, current)
     assert len(calls) > sum(1 for _ in traj.chunks()) * traj.shape[2]  # some chunks ran more than once
-    torch.testing.assert_close(retried, scaled, rtol=0.05, atol=1e-6)
+    # the same gradient up to fp16 rounding, which is relative to the whole vector, not to its near-zero entries
+    assert (retried - scaled).norm() / scaled.norm() < 1e-3  # measured 6e-5 to 8e-5
 
 
 def test_prompts_are_encoded_once_per_run(set_up_trainer):

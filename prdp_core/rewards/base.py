@@ -206,10 +206,11 @@ class RewardMix:
 def batch_zscore(scores: torch.Tensor) -> torch.Tensor:
     """(scores - mean) / std within the batch; zeros when there is nothing to compare (one score, or all equal up
     to float rounding, whose std would otherwise blow rounding noise up to unit scale)."""
-    std = scores.std() if scores.numel() > 1 else scores.new_zeros(())
-    if std <= 1e-6 * scores.abs().max():
+    exact = scores.double()  # float32 would leave a mean of ~1e-5 when the spread is small beside the values
+    std = exact.std() if exact.numel() > 1 else exact.new_zeros(())
+    if std <= 1e-6 * exact.abs().max():
         return torch.zeros_like(scores)
-    return (scores - scores.mean()) / std
+    return ((exact - exact.mean()) / std).to(scores.dtype)
 
 
 def _fmt(weight: float) -> str:
