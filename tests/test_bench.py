@@ -4,6 +4,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -32,3 +35,40 @@ def test_precision_benchmark_compares_gradients_with_fp32(capsys):
     assert set(result["vs_fp32"]) == {"fp32-repeat", "fp16", "fp16-unscaled", "bf16"}
     assert result["vs_fp32"]["fp32-repeat"]["relative_error"] < 1e-6  # CPU kernels are deterministic
     assert result["vs_fp32"]["fp16"]["cosine"] > 0.9
+
+
+def test_gradient_noise_estimates_recover_a_known_signal_and_noise():
+    bench = _load("gradient_noise")
+    generator = torch.Generator().manual_seed(0)
+    signal = torch.full((1000,), 0.1)  # |G|^2 = 10
+    grads = [signal + torch.randn(1000, generator=generator) for _ in range(400)]  # tr(Sigma) = 1000
+    estimated_signal, trace = bench.signal_and_trace(grads)
+    assert abs(estimated_signal - 10) < 1 and abs(trace - 1000) < 30
+    assert abs(bench.noise_scale(estimated_signal, trace, batch=16) - 1600) < 200
+    assert bench.noise_scale(-0.5, trace, batch=16) is None
+
+
+def test_gradient_noise_benchmark_runs_on_a_tiny_model(capsys):
+    _load("gradient_noise").main(["--num-prompts", "2", "--repeats", "2", "--model", "builtin:tiny", "--prompts",
+                                  "builtin:animals", "--reward", "jpeg_compressibility", "--eval-prompts", "",
+                                  "--num-steps", "2", "--images-per-prompt", "2", "--train-step-fraction", "1"])
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["per_prompt"]) == 2 and result["repeats"] == 2 and result["lora_parameters"] > 0
+    for prompt in result["per_prompt"].values():
+        assert -1 <= prompt["mean_cosine"] <= 1
+
+
+def test_reevaluation_on_the_runs_own_seed_reproduces_its_summary(tiny_config, capsys):
+    from prdp_core import Trainer
+
+    trainer = Trainer(tiny_config)
+    trainer.run()
+    summary = json.loads((trainer.run_dir / "summary.json").read_text())["eval"]["seen"]
+    capsys.readouterr()
+    _load("reevaluate").main([str(trainer.run_dir), "--eval-seeds", str(tiny_config.seed), "7"])
+    result = json.loads(capsys.readouterr().out)["by_eval_seed"]
+    own, other = result[str(tiny_config.seed)]["seen"], result["7"]["seen"]
+    assert own["before"] == pytest.approx(summary["before"]["mean"], abs=1e-6)
+    assert own["change"] == pytest.approx(summary["delta"]["mean"], abs=1e-6)
+    assert own["se"] == pytest.approx(summary["delta"]["se"], rel=1e-4)
+    assert other["before"] != pytest.approx(own["before"], abs=1e-6)  # other seeds, other images
