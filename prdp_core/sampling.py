@@ -323,6 +323,21 @@ class Sampler:
                 on_chunk()
         return out
 
+    def log_probs_with_graphs(self, traj: Trajectories, on_chunk=None,
+                              steps: int | None = None) -> tuple[torch.Tensor, dict[tuple, torch.Tensor]]:
+        """As `all_log_probs`, but each chunk's log-probs also come back with their autograd graph, keyed by
+        (prompt, first image, step), so that a backward pass can follow without a second forward pass."""
+        steps = traj.shape[2] if steps is None else steps
+        out = torch.empty_like(traj.log_probs[:, :, :steps])
+        graphs = {}
+        for n, images in traj.chunks():
+            for step in range(steps):
+                graphs[n, images.start, step] = self.chunk_log_probs(traj, n, images, step)
+                out[n, images, step] = graphs[n, images.start, step].detach()
+            if on_chunk is not None:
+                on_chunk()
+        return out, graphs
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents [m, C, h, w] to images [m, 3, H, W] in [0, 1] (fp32), as the stock pipeline does."""

@@ -46,7 +46,7 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RESUMABLE = ("epochs", "batch_size", "device", "keep_checkpoints", "eval_every", "gradient_checkpointing",
-             "vae_tiling", "offload_models")
+             "vae_tiling", "offload_models", "retain_graphs")
 EPOCH_PHASES = ("sampling", "decode", "reward", "reference", "optimization")
 _EVAL_KEY = 1_000_003  # separates evaluation noise from every training epoch's noise
 FP16_GRAD_EXPONENT = 16  # fp16 backward: the largest coefficient is scaled to 2**16, AMP's initial loss scale
@@ -77,6 +77,9 @@ class Trainer:
         # The noisiest steps come first; the objective sees log-probs of the first `trained_steps` of them.
         self.trained_steps = max(1, math.ceil(config.train_step_fraction * config.num_steps - 1e-9))
         self.tracker = PerPromptStatTracker() if self.objective.needs_advantages else None
+        # graphs are kept on the CPU, where memory is plentiful and the UNet forward is the cost (config help)
+        self.retain_graphs = config.retain_graphs == "on" or (config.retain_graphs == "auto" and
+                                                              self.device.type == "cpu" and config.precision != "fp16")
         self.run_dir: Path | None = None
         self.epoch = 0
         self._stop: threading.Event | None = None
@@ -228,9 +231,13 @@ class Trainer:
             updates = []
             for k in range(config.updates_per_epoch):
                 # theta = theta_old on the first update, where recomputing would reproduce the stored log-probs.
-                current = old if k == 0 else sampler.all_log_probs(traj, self._progress(number, "optimization", traj),
-                                                                   trained)
-                loss, grad_norm, stats = self._update(traj, batch, current)
+                current, graphs = old, None
+                if k > 0 and self.retain_graphs:
+                    current, graphs = sampler.log_probs_with_graphs(traj, self._progress(number, "optimization", traj),
+                                                                    trained)
+                elif k > 0:
+                    current = sampler.all_log_probs(traj, self._progress(number, "optimization", traj), trained)
+                loss, grad_norm, stats = self._update(traj, batch, current, graphs)
                 step = epoch * config.updates_per_epoch + k + 1
                 updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
                 self._emit(StepMetrics(number, k, step, loss, grad_norm, stats))
@@ -259,10 +266,11 @@ class Trainer:
                 metrics[key] = updates[-1][key]
         return metrics
 
-    def _update(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor) -> tuple[float, float, dict]:
+    def _update(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor,
+                graphs: dict | None = None) -> tuple[float, float, dict]:
         """One AdamW step on the exact gradient of the objective at the current weights."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = self._accumulate_gradient(traj, batch, current)
+        loss, stats = self._accumulate_gradient(traj, batch, current, graphs)
         for param in self.params:  # a skipped chunk may leave a parameter without gradient
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
@@ -274,9 +282,11 @@ class Trainer:
         self.optimizer.step()
         return loss, grad_norm, stats
 
-    def _accumulate_gradient(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor) -> tuple[float, dict]:
+    def _accumulate_gradient(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor,
+                             graphs: dict | None = None) -> tuple[float, dict]:
         """Add dL/dtheta to the LoRA parameters' .grad, one UNet micro-batch at a time (see the module docstring).
-        `current` holds the log-probs of every stored transition under the current weights."""
+        `current` holds the log-probs of every stored transition under the current weights; `graphs`, when given,
+        the same log-probs with their autograd graphs (Sampler.log_probs_with_graphs), back-propagated directly."""
         log_probs = current.detach().clone().requires_grad_(True)
         loss = self.objective.loss(log_probs, batch)
         (coefficients,) = torch.autograd.grad(loss, log_probs)
@@ -286,8 +296,14 @@ class Trainer:
             self._check_stop()
             for step in range(coefficients.shape[2]):
                 coef = coefficients[n, images, step]
-                if coef.any():
+                graph = graphs.pop((n, images.start, step)) if graphs is not None else None  # freed as we go
+                if not coef.any():
+                    continue
+                if graph is None:
                     self._chunk_backward(traj, n, images, step, coef)
+                else:
+                    with self.sampler.clock.timed():
+                        (coef * graph).sum().backward()
             done += 1
             self._emit(Progress(self.epoch + 1, "optimization", done, total))
         return loss.item(), stats

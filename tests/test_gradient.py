@@ -105,3 +105,28 @@ def test_lean_gradient_over_the_noisiest_steps_only(set_up_trainer):
 
     assert ((lean - reference).norm() / reference.norm()).item() < 1e-4
     assert ((all_steps - reference).norm() / reference.norm()).item() > 0.1
+
+
+def test_retained_graphs_give_the_lean_gradient_bit_for_bit(set_up_trainer):
+    """Updates 2..K on the CPU back-propagate the graphs of the log-prob pass instead of running the UNet again:
+    same log-probs, same coefficients, so the same gradient to the last bit (same chunks, same kernels)."""
+    trainer = set_up_trainer(learning_rate=3e-3, retain_graphs="off")
+    assert not trainer.retain_graphs and set_up_trainer(retain_graphs="auto").retain_graphs  # auto: on, on a CPU
+    rewards = torch.tensor([[0.3, -0.2, 0.9], [0.1, 0.4, -0.5]])
+    traj, batch = _epoch(trainer, rewards)
+    trainer._update(traj, batch, traj.log_probs)  # theta moves away from theta_old
+    current = trainer.sampler.all_log_probs(traj)
+    moved = (current - batch.log_probs_old).abs()
+    trainer.objective.clip_range = moved.median().item()  # about half the steps clipped: their graphs go unused
+    assert 0.2 < trainer.objective.stats(current, batch)["clip_fraction"] < 0.8
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._accumulate_gradient(traj, batch, current)
+    lean = _grads(trainer)
+
+    trainer.optimizer.zero_grad(set_to_none=True)
+    retained, graphs = trainer.sampler.log_probs_with_graphs(traj)
+    assert len(graphs) == 2 * 2 * traj.shape[2]  # 2 prompts x 2 chunks (of 2 and 1 images) x steps
+    trainer._accumulate_gradient(traj, batch, retained, graphs)
+    assert torch.equal(retained, current) and not graphs  # every graph consumed or dropped
+    assert lean.norm() > 0 and torch.equal(_grads(trainer), lean)
