@@ -72,3 +72,12 @@ def test_reevaluation_on_the_runs_own_seed_reproduces_its_summary(tiny_config, c
     assert own["change"] == pytest.approx(summary["delta"]["mean"], abs=1e-6)
     assert own["se"] == pytest.approx(summary["delta"]["se"], rel=1e-4)
     assert other["before"] != pytest.approx(own["before"], abs=1e-6)  # other seeds, other images
+
+
+def test_noise_window_benchmark_varies_only_the_named_noise(capsys):
+    bench = _load("toy_noise_windows")
+    assert bench.parse_window("x_T") == {-1} and bench.parse_window("3-5") == {3, 4, 5} and bench.parse_window("2") == {2}
+    bench.main(["--windows", "5-6", "x_T", "--captions", "2", "--contexts", "2", "--draws", "3", "--steps", "3"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["window"] for r in rows] == ["5-6", "x_T"]
+    assert rows[0]["within_share"] in (0.0, None)  # no step 5 or 6 at 3 steps: the draws of a context are one image
