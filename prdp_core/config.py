@@ -141,7 +141,7 @@ class TrainConfig:
                                   "leaving the GPU to the UNet and the VAE.", "memory")
     retain_graphs: str = _field(
         "auto", "Updates 2..K of an epoch: keep each UNet micro-batch's autograd graph from computing its log-probs to "
-        "back-propagating them, one UNet forward pass less per micro-batch and step (about 12 % of a toy-model "
+        "back-propagating them, one UNet forward pass less per micro-batch and step (about 13 % of a toy-model "
         "epoch at K = 4), at the memory of all the epoch's graphs at once. Gradients are identical. auto: on the "
         "CPU, where memory is plentiful and time is not; off on accelerators. Not with fp16 base weights.", "memory",
         choices=("auto", "on", "off"))

@@ -120,18 +120,26 @@ def test_tiny_model_run_raises_jpeg_compressibility(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_run_raises_toy_match_on_unseen_captions(tmp_path):
-    """`prdp train` with no arguments (the toy model, toy_match, 16 epochs, seed 0) writes the run folder the
-    README promises and raises the reward on held-out captions on fixed evaluation seeds. Measured when written:
-    unseen +0.059 ± 0.023 (2.6 paired standard errors), seen +0.014 ± 0.023; a broken learning path moves it by
-    chance, about ± 1 standard error."""
-    trainer = Trainer(TrainConfig(output_dir=str(tmp_path)))
+def test_default_training_raises_the_toy_rewards_on_unseen_captions_by_3_standard_errors(tmp_path):
+    """The default run (`prdp train`: the toy model, toy_match, 16 epochs, seed 0) with a 4x larger evaluation, 32
+    captions x 16 fixed seeds per split: the default's 128 images per split cannot resolve one run's gain (README,
+    "How large the gain is"). On unseen captions toy_match and toy_alignment (its log, per image) must rise by more
+    than 3 paired standard errors. Measured when written (torch 2.13, transformers 5.24, diffusers 0.42.1, peft
+    0.21.2): toy_match +0.081 ± 0.014 (5.9 SE), toy_alignment +0.79 ± 0.12 (6.9 SE). Seeds 1 and 2 gain less
+    (toy_match +0.027 ± 0.013 and +0.031 ± 0.010), so if a library update re-rolls this run's training below the bar,
+    compare those seeds before suspecting the code."""
+    trainer = Trainer(TrainConfig(output_dir=str(tmp_path), eval_max_prompts=32, eval_images_per_prompt=16))
     lora = trainer.run()
     summary = json.loads((trainer.run_dir / "summary.json").read_text())
-    for split in ("seen", "unseen"):
-        assert summary["eval"][split]["before"]["n"] == summary["eval"][split]["after"]["n"] == 128
-    unseen = summary["eval"]["unseen"]["delta"]
-    assert unseen["mean"] > 2 * unseen["se"]
+    for split, base in (("seen", 0.707), ("unseen", 0.608)):
+        evaluation = summary["eval"][split]
+        assert evaluation["before"]["n"] == evaluation["after"]["n"] == 512
+        assert evaluation["before"]["mean"] == pytest.approx(base, abs=0.02), split  # model + sampler + reward intact
+    unseen = summary["eval"]["unseen"]
+    assert unseen["delta"]["mean"] > 3 * unseen["delta"]["se"], unseen["delta"]
+    alignment = torch.tensor(unseen["after"]["scores"]).clamp_min(1e-30).log() - \
+        torch.tensor(unseen["before"]["scores"]).clamp_min(1e-30).log()  # toy_alignment = log toy_match
+    assert alignment.mean() > 3 * alignment.std() / len(alignment) ** 0.5, alignment.mean()
     assert summary["wall_time_s"] > 0 and lora.is_file()
     for name in ("previews/before_after.png", "reward_curve.png"):
         assert (trainer.run_dir / name).is_file()
