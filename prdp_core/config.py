@@ -142,8 +142,9 @@ class TrainConfig:
     retain_graphs: str = _field(
         "auto", "Updates 2..K of an epoch: keep each UNet micro-batch's autograd graph from computing its log-probs to "
         "back-propagating them, one UNet forward pass less per micro-batch and step (about 13 % of a toy-model "
-        "epoch at K = 4), at the memory of all the epoch's graphs at once. Gradients are identical. auto: on the "
-        "CPU, where memory is plentiful and time is not; off on accelerators. Not with fp16 base weights.", "memory",
+        "epoch at K = 4), at the memory of an update's graphs at once (0.7 GB for the toy default). Gradients are "
+        "identical. auto: on the CPU for UNets under 100 M parameters and at most 16 micro-batch-steps per update; "
+        "off on accelerators, where memory is scarce. Not with fp16 base weights.", "memory",
         choices=("auto", "on", "off"))
     device: str = _field("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps.", "run")
     output_dir: str = _field("runs", "Folder that receives one sub-folder per run.", "run")

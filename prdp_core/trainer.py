@@ -77,9 +77,6 @@ class Trainer:
         # The noisiest steps come first; the objective sees log-probs of the first `trained_steps` of them.
         self.trained_steps = max(1, math.ceil(config.train_step_fraction * config.num_steps - 1e-9))
         self.tracker = PerPromptStatTracker() if self.objective.needs_advantages else None
-        # graphs are kept on the CPU, where memory is plentiful and the UNet forward is the cost (config help)
-        self.retain_graphs = config.retain_graphs == "on" or (config.retain_graphs == "auto" and
-                                                              self.device.type == "cpu" and config.precision != "fp16")
         self.run_dir: Path | None = None
         self.epoch = 0
         self._stop: threading.Event | None = None
@@ -174,6 +171,8 @@ class Trainer:
         add_lora(self.unet, config.lora_rank, config.lora_alpha, config.lora_targets)
         self.lora_modules = lora_modules(self.unet)
         self.params = lora_parameters(self.unet)
+        self.retain_graphs = config.retain_graphs == "on" or (config.retain_graphs == "auto" and _graphs_are_cheap(
+            config, self.device, self.unet, self.trained_steps))
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay)
         self.epoch, self.state, self.before_images = 0, {"started_at": time.time()}, None
@@ -232,11 +231,12 @@ class Trainer:
             for k in range(config.updates_per_epoch):
                 # theta = theta_old on the first update, where recomputing would reproduce the stored log-probs.
                 current, graphs = old, None
-                if k > 0 and self.retain_graphs:
-                    current, graphs = sampler.log_probs_with_graphs(traj, self._progress(number, "optimization", traj),
-                                                                    trained)
-                elif k > 0:
-                    current = sampler.all_log_probs(traj, self._progress(number, "optimization", traj), trained)
+                if k > 0:
+                    progress = self._progress(number, "optimization", traj)
+                    if self.retain_graphs:
+                        current, graphs = sampler.log_probs_with_graphs(traj, progress, trained)
+                    else:
+                        current = sampler.all_log_probs(traj, progress, trained)
                 loss, grad_norm, stats = self._update(traj, batch, current, graphs)
                 step = epoch * config.updates_per_epoch + k + 1
                 updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
@@ -539,6 +539,18 @@ def _shareable_option(value):
     if isinstance(value, str) and ("/" in value or "\\" in value):
         return Path(value).name
     return value
+
+
+# retain_graphs auto: the graphs of one update, kept at once, must stay small beside a CPU machine's memory
+_CHEAP_GRAPHS_MAX_UNET_PARAMETERS = 100_000_000  # toy- and test-sized UNets; SD1.5's has 860 M
+_CHEAP_GRAPHS_MAX_COUNT = 16  # micro-batch-steps per update; the toy default keeps 6 (0.7 GB)
+
+
+def _graphs_are_cheap(config: TrainConfig, device: torch.device, unet, trained_steps: int) -> bool:
+    """Whether retain_graphs auto keeps the graphs: on the CPU (no fp16), for a small UNet and few graphs."""
+    chunks = config.prompts_per_epoch * math.ceil(config.images_per_prompt / config.batch_size)
+    return (device.type == "cpu" and config.precision != "fp16" and chunks * trained_steps <= _CHEAP_GRAPHS_MAX_COUNT
+            and sum(p.numel() for p in unet.parameters()) < _CHEAP_GRAPHS_MAX_UNET_PARAMETERS)
 
 
 def _epoch_of(line: str) -> float:

@@ -111,7 +111,10 @@ def test_retained_graphs_give_the_lean_gradient_bit_for_bit(set_up_trainer):
     """Updates 2..K on the CPU back-propagate the graphs of the log-prob pass instead of running the UNet again:
     same log-probs, same coefficients, so the same gradient to the last bit (same chunks, same kernels)."""
     trainer = set_up_trainer(learning_rate=3e-3, retain_graphs="off")
-    assert not trainer.retain_graphs and set_up_trainer(retain_graphs="auto").retain_graphs  # auto: on, on a CPU
+    assert not trainer.retain_graphs
+    # auto on the CPU: kept for a small UNet while an update has at most 16 micro-batch-steps (here 4 chunks x steps)
+    assert set_up_trainer(retain_graphs="auto", num_steps=4, train_step_fraction=1.0).retain_graphs
+    assert not set_up_trainer(retain_graphs="auto", num_steps=5, train_step_fraction=1.0).retain_graphs
     rewards = torch.tensor([[0.3, -0.2, 0.9], [0.1, 0.4, -0.5]])
     traj, batch = _epoch(trainer, rewards)
     trainer._update(traj, batch, traj.log_probs)  # theta moves away from theta_old
