@@ -81,3 +81,17 @@ def test_noise_window_benchmark_varies_only_the_named_noise(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["window"] for r in rows] == ["5-6", "x_T"]
     assert rows[0]["within_share"] in (0.0, None)  # no step 5 or 6 at 3 steps: the draws of a context are one image
+
+
+def test_prdp_vs_ddpo_table_pools_seeds_with_independent_standard_errors():
+    def result(objective, seed, delta_mean, delta_se):
+        stat = {"mean": 0.5, "se": 0.02}
+        split = {"before": stat, "after": stat, "delta": {"mean": delta_mean, "se": delta_se}}
+        return {"objective": objective, "seed": seed, "eval": {"seen": split, "unseen": split}, "reward": "toy_match"}
+
+    results = [result("prdp", 0, 0.03, 0.03), result("prdp", 1, 0.01, 0.04),
+               result("ddpo", 0, -0.02, 0.01), result("ddpo", 1, 0.0, 0.01)]
+    pooled_rows = _load("toy_prdp_vs_ddpo").table(results).splitlines()[2:4]
+    # mean of the seeds; SE = sqrt(0.03² + 0.04²) / 2 = 0.025 and sqrt(2 x 0.01²) / 2 = 0.00707
+    assert pooled_rows[0].endswith("| +0.020 ± 0.025 | -0.010 ± 0.007 |")
+    assert pooled_rows[1].startswith("| unseen | 0.500 ± 0.014 |")
