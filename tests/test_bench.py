@@ -95,3 +95,34 @@ def test_prdp_vs_ddpo_table_pools_seeds_with_independent_standard_errors():
     # mean of the seeds; SE = sqrt(0.03² + 0.04²) / 2 = 0.025 and sqrt(2 x 0.01²) / 2 = 0.00707
     assert pooled_rows[0].endswith("| +0.020 ± 0.025 | -0.010 ± 0.007 |")
     assert pooled_rows[1].startswith("| unseen | 0.500 ± 0.014 |")
+
+
+def test_live_tensor_bytes_counts_each_storage_until_it_is_freed():
+    meter = _load("memory_estimate").LiveTensorBytes()
+    mib = 2**20
+    with meter:
+        a = torch.empty(mib, dtype=torch.uint8)
+        b = torch.empty(2 * mib, dtype=torch.uint8)
+        views = (b[:10], b.view(2, mib))  # share b's storage
+        del a
+        c = torch.empty(3 * mib, dtype=torch.uint8)
+    assert (meter.current, meter.peak) == (5 * mib, 5 * mib)
+    del b, views, c
+    assert meter.current == 0
+
+
+def test_memory_estimate_follows_the_memory_options():
+    estimate = _load("memory_estimate").estimate
+    from prdp_core import TrainConfig
+
+    def peaks(**options):
+        result = estimate(TrainConfig(model="builtin:tiny-xl", num_steps=2, **{"batch_size": 4, **options}))
+        return result["peak_bytes"], result["resident_bytes"]
+
+    plain, resident = peaks()
+    assert resident["weights"] < plain["sampling"] < plain["optimization"]
+    assert peaks(gradient_checkpointing=True)[0]["optimization"] < 0.7 * plain["optimization"]
+    assert peaks(batch_size=1)[0]["optimization"] < 0.7 * plain["optimization"]
+    half, half_resident = peaks(precision="fp16")
+    assert half_resident["weights"] < 0.7 * resident["weights"] and half["optimization"] < plain["optimization"]
+    assert peaks(offload_models=True)[1]["weights"] < resident["weights"]  # the text encoders wait on the CPU
