@@ -10,8 +10,9 @@
 
 Any `prdp train` flag is accepted. Phases: sampling (UNet denoising loop), decode (VAE), reward, reference (log-probs
 under the LoRA-free model), optimization (K updates: no-grad log-prob pass + chunked forward/backward). `unet_share`
-= seconds inside UNet forward/backward calls / total epoch seconds; `peak_memory_gib` = peak allocated memory per
-phase (CUDA only), the largest of them as `peak_memory_gib_max`. Evaluation is cut to one image unless flags ask for
+= seconds inside UNet forward/backward calls / total epoch seconds; `outside_unet_s` = each phase's seconds outside
+them (where the rest goes); `peak_memory_gib` = peak allocated memory per phase (CUDA only), the largest of them as
+`peak_memory_gib_max`. Evaluation is cut to one image unless flags ask for
 more. Not a timed test: run it and quote its output.
 """
 
@@ -33,6 +34,7 @@ import torch  # noqa: E402
 
 from prdp_core import TrainConfig, Trainer  # noqa: E402
 from prdp_core.cli import build_parser, resolve_train_config  # noqa: E402
+from prdp_core.trainer import EPOCH_PHASES  # noqa: E402
 
 PHASES = ("sampling", "decode", "reward", "reference", "optimization", "total", "unet")
 
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         run_s = time.perf_counter() - started
     measured = epochs[args.warmup:] or epochs
     median = {phase: statistics.median(e[phase] for e in measured) for phase in PHASES}
+    outside_unet = {phase: statistics.median(e[phase] - e["unet_by_phase"][phase] for e in measured)
+                    for phase in EPOCH_PHASES}
     peak = {phase: max(p[phase] for p in peaks) for phase in peaks[0]} if peaks and peaks[0] else {}
     device = trainer.device
     result = {
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         "epochs_measured": len(measured),
         "median_epoch_s": {k: round(v, 4) for k, v in median.items()},
         "unet_share": round(median["unet"] / median["total"], 4),
+        "outside_unet_s": {k: round(v, 4) for k, v in outside_unet.items()},
         "peak_memory_gib": {k: round(v, 3) for k, v in peak.items()},
         "peak_memory_gib_max": round(max(peak.values()), 3) if peak else None,
         "per_epoch_s": [{k: round(e[k], 4) for k in PHASES} for e in epochs],

@@ -141,16 +141,19 @@ class UNetClock:
 
 
 class PhaseMeter:
-    """Wall seconds and, on CUDA, peak allocated memory of each phase of an epoch. Phases may nest (decoding
+    """Wall seconds, those of them inside UNet calls (`clock`) and, on CUDA, peak allocated memory of each phase of
+    an epoch. Phases may nest (decoding
     inside sampling); each is metered exclusively: an outer phase's numbers leave out its inner phases'."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock: UNetClock | None = None):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.clock = clock or UNetClock(device)
         self.reset()
 
     def reset(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.unet_seconds: dict[str, float] = {}  # of each phase's seconds, those inside UNet calls
         self.peak_gib: dict[str, float] = {}
         self._open: list[str] = []
 
@@ -169,16 +172,17 @@ class PhaseMeter:
             else:
                 torch.cuda.reset_peak_memory_stats(self.device)
         self._open.append(name)
-        start = time.perf_counter()
+        start, unet_start = time.perf_counter(), self.clock.seconds
         try:
             yield
         finally:
             synchronize(self.device)
-            elapsed = time.perf_counter() - start
             self._open.pop()
-            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
-            if self._open:  # the outer phase's time leaves this one out
-                self.seconds[self._open[-1]] = self.seconds.get(self._open[-1], 0.0) - elapsed
+            for meter, elapsed in ((self.seconds, time.perf_counter() - start),
+                                   (self.unet_seconds, self.clock.seconds - unet_start)):
+                meter[name] = meter.get(name, 0.0) + elapsed
+                if self._open:  # the outer phase's time leaves this one out
+                    meter[self._open[-1]] = meter.get(self._open[-1], 0.0) - elapsed
             if self.cuda:
                 self._close_peak(name)
 

@@ -164,7 +164,7 @@ class Trainer:
         config.save(self.run_dir / CONFIG_FILE)
         (self.run_dir / "previews").mkdir(exist_ok=True)
         apply_memory_options(self.pipe, config.gradient_checkpointing, config.vae_tiling, config.offload_models)
-        self.meter = PhaseMeter(self.device)
+        self.meter = PhaseMeter(self.device, self.sampler.clock)
         self.unet = self.pipe.unet
         self.model_info = model_info(self.pipe, config.model, config.resolution)
         torch.manual_seed(config.seed)  # the LoRA's random init (overwritten when resuming)
@@ -197,7 +197,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ one epoch
     def _train_epoch(self, epoch: int) -> dict:
         config, sampler, meter = self.config, self.sampler, self.meter
-        unet_before = sampler.clock.seconds
         meter.reset()
         number = epoch + 1  # events and files count epochs from 1
         prompts = draw_prompts(self.train_prompts, config.prompts_per_epoch, config.seed, epoch)
@@ -242,8 +241,9 @@ class Trainer:
                 updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
                 self._emit(StepMetrics(number, k, step, loss, grad_norm, stats))
         timings = {phase: meter.seconds.get(phase, 0.0) for phase in EPOCH_PHASES}
-        timings["unet"] = sampler.clock.seconds - unet_before
+        timings["unet"] = sum(meter.unet_seconds.get(phase, 0.0) for phase in EPOCH_PHASES)
         timings["total"] = sum(timings[k] for k in EPOCH_PHASES)
+        timings["unet_by_phase"] = {phase: meter.unet_seconds.get(phase, 0.0) for phase in EPOCH_PHASES}
 
         metrics = {
             "epoch": number,

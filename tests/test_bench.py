@@ -25,6 +25,9 @@ def test_epoch_benchmark_reports_every_phase_for_an_sdxl_shaped_model(capsys):
     phases = result["median_epoch_s"]
     assert set(phases) == {"sampling", "decode", "reward", "reference", "optimization", "total", "unet"}
     assert 0 < phases["unet"] < phases["total"] and 0 < result["unet_share"] < 1
+    outside = result["outside_unet_s"]
+    assert set(outside) == {"sampling", "decode", "reward", "reference", "optimization"}
+    assert all(v >= 0 for v in outside.values()) and outside["decode"] == phases["decode"]
     assert result["epochs_measured"] == 1 and result["resolution"] == 64 and result["lora_modules"] > 0
     assert result["peak_memory_gib"] == {} and result["peak_memory_gib_max"] is None  # CPU: no accelerator memory
 

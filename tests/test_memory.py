@@ -90,9 +90,14 @@ def test_phase_meter_meters_nested_phases_exclusively():
     meter = PhaseMeter(torch.device("cpu"))
     with meter.phase("sampling"):
         time.sleep(0.05)
+        with meter.clock.timed():  # a UNet call
+            time.sleep(0.03)
         with meter.phase("decode"):
             time.sleep(0.1)
-    assert 0.04 < meter.seconds["sampling"] < 0.09 and 0.09 < meter.seconds["decode"] < 0.15
+            with meter.clock.timed():
+                time.sleep(0.02)
+    assert 0.07 < meter.seconds["sampling"] < 0.12 and 0.11 < meter.seconds["decode"] < 0.17
+    assert 0.025 < meter.unet_seconds["sampling"] < 0.045 and 0.015 < meter.unet_seconds["decode"] < 0.035
     assert meter.peak_gib == {}  # memory is metered on CUDA only
 
 

@@ -70,7 +70,11 @@ def test_events_and_metrics(tiny_config):
     assert m["clip_fraction"] < 1.0 and 0 < m["valid_pairs"] <= 6  # 2 prompts x C(3, 2) pairs, minus ties
     timings = m["timings"]
     assert 0 < timings["unet"] < timings["total"]
-    assert set(timings) == {"sampling", "decode", "reward", "reference", "optimization", "unet", "total"}
+    assert set(timings) == {"sampling", "decode", "reward", "reference", "optimization", "unet", "total",
+                            "unet_by_phase"}
+    by_phase = timings["unet_by_phase"]
+    assert by_phase["decode"] == by_phase["reward"] == 0 and 0 < by_phase["sampling"] < timings["sampling"]
+    assert by_phase["optimization"] > 0 and sum(by_phase.values()) == pytest.approx(timings["unet"])
     summary = events[-1].summary
     assert set(summary["eval"]) == {"seen", "unseen"}
 
