@@ -142,8 +142,8 @@ class UNetClock:
 
 class PhaseMeter:
     """Wall seconds, those of them inside UNet calls (`clock`) and, on CUDA, peak allocated memory of each phase of
-    an epoch. Phases may nest (decoding
-    inside sampling); each is metered exclusively: an outer phase's numbers leave out its inner phases'."""
+    an epoch. Phases may nest (decoding inside sampling); each is metered exclusively: an outer phase's numbers leave
+    out its inner phases'."""
 
     def __init__(self, device: torch.device, clock: UNetClock | None = None):
         self.device = device
