@@ -147,3 +147,21 @@ def test_lora_computes_in_the_base_dtype_from_fp32_parameters(dtype):
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
         out.float().sum().backward()
         assert a.weight.grad.dtype == b.weight.grad.dtype == torch.float32 and a.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("overrides,advice", [
+    ({}, "turn on gradient_checkpointing, lower batch_size (now 2) or train in fp16 (the low-VRAM preset does all)"),
+    ({**LOW_VRAM, "vae_tiling": False}, "turn on vae_tiling or lower the resolution"),
+    (LOW_VRAM, "lower the resolution"),
+])
+def test_running_out_of_memory_says_what_to_change_and_keeps_the_run(tiny_config, monkeypatch, overrides, advice):
+    from prdp_core import checkpoints
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(Trainer, "_train_epoch", out_of_memory)
+    trainer = Trainer(TrainConfig.from_dict({**tiny_config.to_dict(), **overrides}))
+    with pytest.raises(trainer_module.PrdpError) as raised:
+        trainer.run()
+    assert str(raised.value) == f"out of GPU memory; {advice}, then resume with --resume {trainer.run_dir}."
+    assert checkpoints.latest_checkpoint(trainer.run_dir) is not None  # resumable from before the first epoch
