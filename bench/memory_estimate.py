@@ -18,8 +18,8 @@ Checked against bench_epoch.py's measurements on an H100 (README "Real sizes on 
 in fp16): with that code the estimates were at most 0.15 GiB low for optimization (SD1.5 512 px micro-batch 8 with
 checkpointing 8.29 vs 8.4 measured, micro-batch 4 without 12.80 vs 12.9, micro-batch 8 without 23.41 vs 23.5; SDXL
 1024 px micro-batch 2 with checkpointing 10.16 vs 10.3), at most 0.25 GiB low for sampling (4.25 vs 4.3, 3.23 vs
-3.3, 4.28 vs 4.4, 8.07 vs 8.3), but 0.5 GiB (SD1.5) and 1.9 GiB (SDXL) low for decoding: the VAE's full-resolution convolutions and its single 512-wide
-attention head run through kernels whose workspaces this does not see.
+3.3, 4.28 vs 4.4, 8.07 vs 8.3), but 0.5 GiB (SD1.5) and 1.9 GiB (SDXL) low for decoding: the VAE's full-resolution
+convolutions and its single 512-wide attention head run through kernels whose workspaces this does not see.
 """
 
 from __future__ import annotations
@@ -154,11 +154,12 @@ def estimate(config: TrainConfig) -> dict:
     return {
         "model": config.model,
         "resolution": sampler.side,
-        "settings": {k: getattr(config, k) for k in ("precision", "batch_size", "guidance_scale", "gradient_checkpointing",
-                                                      "vae_tiling", "offload_models", "lora_rank", "lora_targets",
-                                                      "prompts_per_epoch", "images_per_prompt", "num_steps")},
-        "resident_bytes": {"weights": weights, "lora_with_gradient_and_adam": 4 * lora_bytes,
-                           "trajectories": trajectories},
+        "settings": {k: getattr(config, k) for k in ("precision", "batch_size", "guidance_scale",
+                                                      "gradient_checkpointing", "vae_tiling", "offload_models",
+                                                      "lora_rank", "lora_targets", "prompts_per_epoch",
+                                                      "images_per_prompt", "num_steps")},
+        # weights include the LoRA parameters; their gradient and AdamW's two moments come on top
+        "resident_bytes": {"weights": weights, "lora_gradient_and_adam": 3 * lora_bytes, "trajectories": trajectories},
         "peak_bytes": peaks,
         "estimate_s": round(time.perf_counter() - started, 1),
     }

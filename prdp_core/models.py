@@ -454,11 +454,13 @@ def _compute_lora_in(unet, dtype: torch.dtype) -> None:
         return self._conv_forward(x.to(dtype), self.weight.to(dtype), None)
 
     for module in unet.modules():
-        if isinstance(module, LoraLayer):
+        if not isinstance(module, LoraLayer):
+            continue
+        factors = [*module.lora_A.values(), *module.lora_B.values()]
+        if all(f.bias is None and type(f) in (torch.nn.Linear, torch.nn.Conv2d) for f in factors):  # else PEFT's way
             module.cast_input_dtype_enabled = False  # PEFT >= 0.15; older ones cast to fp32 and back (transiently)
-            for factor in (*module.lora_A.values(), *module.lora_B.values()):
-                if factor.bias is None and type(factor) in (torch.nn.Linear, torch.nn.Conv2d):
-                    factor.forward = types.MethodType(linear if type(factor) is torch.nn.Linear else conv, factor)
+            for factor in factors:
+                factor.forward = types.MethodType(linear if type(factor) is torch.nn.Linear else conv, factor)
 
 
 def lora_parameters(unet) -> list[torch.nn.Parameter]:

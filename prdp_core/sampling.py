@@ -155,6 +155,7 @@ class PhaseMeter:
         self.seconds: dict[str, float] = {}
         self.unet_seconds: dict[str, float] = {}  # of each phase's seconds, those inside UNet calls
         self.peak_gib: dict[str, float] = {}
+        self.out_of_memory_in: str | None = None  # the innermost phase that ran out of accelerator memory
         self._open: list[str] = []
 
     def _close_peak(self, name: str) -> None:
@@ -175,6 +176,9 @@ class PhaseMeter:
         start, unet_start = time.perf_counter(), self.clock.seconds
         try:
             yield
+        except torch.cuda.OutOfMemoryError:
+            self.out_of_memory_in = self.out_of_memory_in or name
+            raise
         finally:
             synchronize(self.device)
             self._open.pop()

@@ -78,6 +78,7 @@ class Trainer:
         self.trained_steps = max(1, math.ceil(config.train_step_fraction * config.num_steps - 1e-9))
         self.tracker = PerPromptStatTracker() if self.objective.needs_advantages else None
         self.run_dir: Path | None = None
+        self.meter: PhaseMeter | None = None
         self.epoch = 0
         self._stop: threading.Event | None = None
 
@@ -111,7 +112,9 @@ class Trainer:
             self._emit(Failed(str(exc), self.run_dir))
             raise
         except torch.cuda.OutOfMemoryError:
-            message = (f"out of GPU memory; {_memory_advice(self.config)}, then resume"
+            phase = self.meter.out_of_memory_in if self.meter is not None else None
+            message = (f"out of GPU memory{' in ' + phase if phase else ''}; {_memory_advice(self.config, phase)}, "
+                       f"then resume"
                        f"{' with --resume ' + str(self.run_dir) if self.run_dir else ''}.")
             self._emit(Failed(message, self.run_dir))
             raise PrdpError(message) from None
@@ -567,10 +570,15 @@ def _spread(prompts: list[str], count: int) -> list[str]:
     return [prompts[i * len(prompts) // count] for i in range(count)]
 
 
-def _memory_advice(config: TrainConfig) -> str:
-    """What to change after running out of memory: the memory options still off, checkpointing first (at SD1.5 512 px
-    it takes micro-batch 8 from 16 to 6 GiB, bench/memory_estimate.py)."""
-    fixes = [] if config.gradient_checkpointing else ["turn on gradient_checkpointing"]
+def _memory_advice(config: TrainConfig, phase: str | None = None) -> str:
+    """What to change after running out of memory in `phase`: the memory options still off, those for that phase
+    first. Decoding runs one image at a time, so only tiling lowers its peak; elsewhere checkpointing saves most (at
+    SD1.5 512 px it takes micro-batch 8 from 16 to 6 GiB, bench/memory_estimate.py)."""
+    fixes = ["turn on vae_tiling"] if phase == "decode" and not config.vae_tiling else []
+    if config.retain_graphs == "on":
+        fixes.append("set retain_graphs off")
+    if not config.gradient_checkpointing:
+        fixes.append("turn on gradient_checkpointing")
     if config.batch_size > 1:
         fixes.append(f"lower batch_size (now {config.batch_size})")
     if config.precision == "fp32":

@@ -149,19 +149,26 @@ def test_lora_computes_in_the_base_dtype_from_fp32_parameters(dtype):
         assert a.weight.grad.dtype == b.weight.grad.dtype == torch.float32 and a.weight.grad.abs().max() > 0
 
 
-@pytest.mark.parametrize("overrides,advice", [
-    ({}, "turn on gradient_checkpointing, lower batch_size (now 2) or train in fp16 (the low-VRAM preset does all)"),
-    ({**LOW_VRAM, "vae_tiling": False}, "turn on vae_tiling or lower the resolution"),
-    (LOW_VRAM, "lower the resolution"),
+@pytest.mark.parametrize("overrides,where,advice", [
+    ({}, "_train_epoch", "; turn on gradient_checkpointing, lower batch_size (now 2) or train in fp16 (the low-VRAM "
+                         "preset does all)"),
+    ({}, "decode", " in decode; turn on vae_tiling, turn on gradient_checkpointing, lower batch_size (now 2) or train "
+                   "in fp16 (the low-VRAM preset does all)"),
+    ({"retain_graphs": "on", "gradient_checkpointing": True, "batch_size": 1}, "_train_epoch",
+     "; set retain_graphs off or train in fp16 (the low-VRAM preset does all)"),
+    ({**LOW_VRAM, "vae_tiling": False}, "_train_epoch", "; turn on vae_tiling or lower the resolution"),
+    (LOW_VRAM, "decode", " in decode; lower the resolution"),
 ])
-def test_running_out_of_memory_says_what_to_change_and_keeps_the_run(tiny_config, monkeypatch, overrides, advice):
+def test_running_out_of_memory_says_what_to_change_and_keeps_the_run(tiny_config, monkeypatch, overrides, where,
+                                                                     advice):
     from prdp_core import checkpoints
+    from prdp_core.sampling import Sampler
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(Trainer, "_train_epoch", out_of_memory)
+    monkeypatch.setattr(Trainer if where == "_train_epoch" else Sampler, where, out_of_memory)
     trainer = Trainer(TrainConfig.from_dict({**tiny_config.to_dict(), **overrides}))
     with pytest.raises(trainer_module.PrdpError) as raised:
         trainer.run()
-    assert str(raised.value) == f"out of GPU memory; {advice}, then resume with --resume {trainer.run_dir}."
-    assert checkpoints.latest_checkpoint(trainer.run_dir) is not None  # resumable from before the first epoch
+    assert str(raised.value) == f"out of GPU memory{advice}, then resume with --resume {trainer.run_dir}."
+    assert checkpoints.latest_checkpoint(trainer.run_dir) is not None  # resumable: a checkpoint precedes all work

@@ -74,7 +74,7 @@ def test_events_and_metrics(tiny_config):
                             "unet_by_phase"}
     by_phase = timings["unet_by_phase"]
     assert by_phase["decode"] == by_phase["reward"] == 0 and 0 < by_phase["sampling"] < timings["sampling"]
-    assert by_phase["optimization"] > 0 and sum(by_phase.values()) == pytest.approx(timings["unet"])
+    assert 0 < by_phase["reference"] < timings["reference"] and 0 < by_phase["optimization"] < timings["optimization"]
     summary = events[-1].summary
     assert set(summary["eval"]) == {"seen", "unseen"}
 
