@@ -12,8 +12,8 @@ Any `prdp train` flag is accepted. Phases: sampling (UNet denoising loop), decod
 under the LoRA-free model), optimization (K updates: no-grad log-prob pass + chunked forward/backward). `unet_share`
 = seconds inside UNet forward/backward calls / total epoch seconds; `outside_unet_s` = each phase's seconds outside
 them (where the rest goes); `peak_memory_gib` = peak allocated memory per phase (CUDA only), the largest of them as
-`peak_memory_gib_max`. Evaluation is cut to one image unless flags ask for
-more. Not a timed test: run it and quote its output.
+`peak_memory_gib_max`. Evaluation is cut to one image unless flags ask for more. Not a timed test: run it and quote
+its output.
 """
 
 from __future__ import annotations

@@ -101,18 +101,18 @@ def flash_attention():
         functional.scaled_dot_product_attention = original
 
 
-def _conditioning(pipe, sdxl: bool, rows: int) -> TextConditioning:
-    encoder = pipe.text_encoder_2 if sdxl else pipe.text_encoder
+def _conditioning(pipe, sdxl: bool) -> TextConditioning:
+    """One prompt's conditioning, shaped as the text encoders make it."""
     length, width = pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim
-    pooled = torch.empty(rows, encoder.config.projection_dim, device=META) if sdxl else None
-    return TextConditioning(torch.empty(rows, length, width, device=META), pooled).to(META, pipe.unet.dtype)
+    pooled = torch.empty(1, pipe.text_encoder_2.config.projection_dim, device=META) if sdxl else None
+    return TextConditioning(torch.empty(1, length, width, device=META), pooled).to(META, pipe.unet.dtype)
 
 
 def estimate(config: TrainConfig) -> dict:
     started = time.perf_counter()
     pipe = load_pipeline(config.model, config.precision, META, config.vae, config.prediction_type)
-    apply_memory_options(pipe, config.gradient_checkpointing, config.vae_tiling)  # offloading: by leaving out below
-    pipe.vae.enable_slicing()  # as on any accelerator
+    # sliced VAE decoding as on any accelerator; offloading: by leaving the text encoders out below
+    apply_memory_options(pipe, config.gradient_checkpointing, config.vae_tiling)
     add_lora(pipe.unet, config.lora_rank, config.lora_alpha, config.lora_targets)
     params = lora_parameters(pipe.unet)
     sampler = Sampler(pipe, config.num_steps, config.guidance_scale, config.eta, config.negative_prompt,
@@ -137,7 +137,7 @@ def estimate(config: TrainConfig) -> dict:
     peaks = {}
     with flash_attention(), meter:
         meter.reset_peak()
-        cond, negative = _conditioning(pipe, sampler.sdxl, 1), _conditioning(pipe, sampler.sdxl, 1)
+        cond, negative = _conditioning(pipe, sampler.sdxl), _conditioning(pipe, sampler.sdxl)
         with torch.no_grad():
             sampler.guided_prediction(torch.empty(m, *latent, device=META), sampler.timesteps[0], cond, negative)
         peaks["sampling"] = meter.peak

@@ -113,9 +113,9 @@ class Trainer:
             raise
         except torch.cuda.OutOfMemoryError:
             phase = self.meter.out_of_memory_in if self.meter is not None else None
+            resume = f" with --resume {self.run_dir}" if self.run_dir else ""
             message = (f"out of GPU memory{' in ' + phase if phase else ''}; {_memory_advice(self.config, phase)}, "
-                       f"then resume"
-                       f"{' with --resume ' + str(self.run_dir) if self.run_dir else ''}.")
+                       f"then resume{resume}.")
             self._emit(Failed(message, self.run_dir))
             raise PrdpError(message) from None
         except Exception as exc:
@@ -244,9 +244,9 @@ class Trainer:
                 updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
                 self._emit(StepMetrics(number, k, step, loss, grad_norm, stats))
         timings = {phase: meter.seconds.get(phase, 0.0) for phase in EPOCH_PHASES}
-        timings["unet"] = sum(meter.unet_seconds.get(phase, 0.0) for phase in EPOCH_PHASES)
-        timings["total"] = sum(timings[k] for k in EPOCH_PHASES)
         timings["unet_by_phase"] = {phase: meter.unet_seconds.get(phase, 0.0) for phase in EPOCH_PHASES}
+        timings["unet"] = sum(timings["unet_by_phase"].values())
+        timings["total"] = sum(timings[k] for k in EPOCH_PHASES)
 
         metrics = {
             "epoch": number,
