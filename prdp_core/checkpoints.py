@@ -32,7 +32,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if _NAME.fullmatch(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len("epoch-"):]))
+    return sorted(found, key=checkpoint_epoch)
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """How many epochs a checkpoint folder holds (0: before the first update)."""
+    return int(path.name[len("epoch-"):])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -29,10 +29,17 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 KOHYA_UNET_TARGETS = ("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
 
-def _field(default, help: str, group: str, choices: tuple | None = None, **kwargs):
-    metadata = {"help": help, "group": group}
+def _field(default, help: str, group: str, choices: tuple | None = None, minimum: float | None = None,
+           maximum: float | None = None, positive: bool = False, **kwargs):
+    """A config field and what faces generate from it: help text, group, choices, bounds (`minimum` and
+    `maximum` inclusive; `positive` means greater than 0)."""
+    metadata = {"help": help, "group": group, "positive": positive}
     if choices is not None:
         metadata["choices"] = choices
+    if minimum is not None:
+        metadata["minimum"] = minimum
+    if maximum is not None:
+        metadata["maximum"] = maximum
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
     return field(default=default, metadata=metadata, **kwargs)
@@ -74,11 +81,11 @@ class TrainConfig:
     beta: float = _field(1.0, "PRDP KL weight: the regression target is the reward difference divided by beta; "
                          "smaller beta moves further from the base model. While dr/beta is far beyond the "
                          "log-ratios the model reaches (per-dimension means: ~1e-3), beta only scales the "
-                         "gradient, which AdamW undoes; then learning_rate sets the pace.", "objective")
+                         "gradient, which AdamW undoes; then learning_rate sets the pace.", "objective", positive=True)
     clip_range: float = _field(1e-4, "PRDP per-step clip range on the implicit reward around the epoch's "
                                "sampling model (prox. update); bites only when updates_per_epoch > 1 and it is on "
                                "the scale of one update's change of the per-dimension log-prob (about 1e-4 on the "
-                               "toy model).", "objective")
+                               "toy model).", "objective", positive=True)
     step_reduction: str = _field("mean", "How per-step implicit rewards combine over the trajectory: mean (the "
                                  "paper's code) or sum (the paper's equations; divide beta by the step count).",
                                  "objective", choices=("mean", "sum"))
@@ -88,44 +95,47 @@ class TrainConfig:
         "nearly noise-free steps dominate it while deciding only fine detail: on the toy model one caption's "
         "toy_alignment rose with 0.5 but fell with 1.0, and on all captions 0.15 (the first 3 of 20 steps, "
         "where colour is decided) did as well as 0.5 at a third of the optimisation time.",
-        "objective")
+        "objective", positive=True, maximum=1.0)
     ddpo_clip_range: float = _field(1e-4, "DDPO only: PPO clip range on the per-step probability ratio.",
-                                    "objective")
+                                    "objective", positive=True)
     ddpo_adv_clip: float = _field(5.0, "DDPO only: advantages (per-prompt normalised rewards) are clipped to "
-                                  "+-this value.", "objective")
+                                  "+-this value.", "objective", positive=True)
     # --- the online loop
-    epochs: int = _field(16, "Training epochs (each samples fresh images, then updates the LoRA).", "loop")
-    prompts_per_epoch: int = _field(2, "Prompts drawn per epoch (N).", "loop")
-    images_per_prompt: int = _field(16, "Images sampled per prompt (B); pairs are formed among them.", "loop")
-    updates_per_epoch: int = _field(4, "Gradient updates per epoch on the same samples (K).", "loop")
+    epochs: int = _field(16, "Training epochs (each samples fresh images, then updates the LoRA).", "loop", minimum=1)
+    prompts_per_epoch: int = _field(2, "Prompts drawn per epoch (N).", "loop", minimum=1)
+    images_per_prompt: int = _field(16, "Images sampled per prompt (B); pairs are formed among them.", "loop",
+                                    minimum=2)
+    updates_per_epoch: int = _field(4, "Gradient updates per epoch on the same samples (K).", "loop", minimum=1)
     batch_size: int = _field(16, "Images per UNet call, in sampling and training alike; lower it to save memory "
-                             "(results change only by float rounding; it may change on --resume).", "loop")
+                             "(results change only by float rounding; it may change on --resume).", "loop", minimum=1)
     # --- the sampler
-    num_steps: int = _field(20, "DDIM sampling steps (T).", "sampler")
-    guidance_scale: float = _field(5.0, "Classifier-free guidance scale, applied inside every step.", "sampler")
-    eta: float = _field(1.0, "DDIM eta; must be > 0 so every step has a log-probability.", "sampler")
+    num_steps: int = _field(20, "DDIM sampling steps (T).", "sampler", minimum=1, maximum=1000)
+    guidance_scale: float = _field(5.0, "Classifier-free guidance scale, applied inside every step.", "sampler",
+                                   minimum=0)
+    eta: float = _field(1.0, "DDIM eta; must be > 0 so every step has a log-probability.", "sampler", positive=True,
+                        maximum=1.0)
     negative_prompt: str = _field("", "Negative prompt used for the unconditional branch of guidance.", "sampler")
-    resolution: int = _field(0, "Image side in pixels; 0 uses the model's native size.", "sampler")
+    resolution: int = _field(0, "Image side in pixels; 0 uses the model's native size.", "sampler", minimum=0)
     # --- the LoRA
-    lora_rank: int = _field(8, "LoRA rank.", "lora")
+    lora_rank: int = _field(8, "LoRA rank.", "lora", minimum=1)
     lora_alpha: float = _field(8.0, "LoRA alpha; the adapter is scaled by alpha / rank (kohya convention).",
-                               "lora")
+                               "lora", positive=True)
     lora_targets: list = _field(list(KOHYA_UNET_TARGETS), "UNet module names the LoRA wraps (suffix match); the "
                                 "default is kohya's set.", "lora")
     # --- the optimiser
-    learning_rate: float = _field(1e-3, "AdamW learning rate of the LoRA parameters.", "optimizer")
-    weight_decay: float = _field(1e-4, "AdamW weight decay.", "optimizer")
+    learning_rate: float = _field(1e-3, "AdamW learning rate of the LoRA parameters.", "optimizer", positive=True)
+    weight_decay: float = _field(1e-4, "AdamW weight decay.", "optimizer", minimum=0)
     adam_beta1: float = _field(0.9, "AdamW beta1.", "optimizer")
     adam_beta2: float = _field(0.999, "AdamW beta2.", "optimizer")
-    adam_eps: float = _field(1e-8, "AdamW epsilon.", "optimizer")
-    max_grad_norm: float = _field(1.0, "Gradient-norm clip; 0 disables it.", "optimizer")
+    adam_eps: float = _field(1e-8, "AdamW epsilon.", "optimizer", positive=True)
+    max_grad_norm: float = _field(1.0, "Gradient-norm clip; 0 disables it.", "optimizer", minimum=0)
     # --- evaluation and outputs
-    eval_images_per_prompt: int = _field(8, "Images per evaluation prompt, on fixed seeds.", "eval")
+    eval_images_per_prompt: int = _field(8, "Images per evaluation prompt, on fixed seeds.", "eval", minimum=1)
     eval_max_prompts: int = _field(16, "At most this many evaluation prompts, evenly spaced through each set; 0 "
-                                   "means all.", "eval")
+                                   "means all.", "eval", minimum=0)
     eval_every: int = _field(0, "Evaluate every this many epochs (always before and after); 0 means only "
-                             "before and after.", "eval")
-    seed: int = _field(0, "Seed for prompt draws, sampling noise and evaluation.", "run")
+                             "before and after.", "eval", minimum=0)
+    seed: int = _field(0, "Seed for prompt draws, sampling noise and evaluation.", "run", minimum=0)
     precision: str = _field("fp32", "Base-model weight dtype; LoRA parameters and log-probs stay fp32. On a GPU "
                             "use fp16 (its gradients are scaled like AMP's): bf16's 8-bit mantissa cannot resolve the "
                             "per-step log-prob gradient (bench/precision_gradient.py: cosine 0.73 to fp32).", "run",
@@ -150,7 +160,7 @@ class TrainConfig:
     output_dir: str = _field("runs", "Folder that receives one sub-folder per run.", "run")
     run_name: str = _field("", "Run folder name; empty means a timestamp.", "run")
     lora_name: str = _field("", "File name of the exported LoRA (no folders); empty means prdp_<run name>.", "run")
-    keep_checkpoints: int = _field(2, "How many epoch checkpoints to keep (the latest ones).", "run")
+    keep_checkpoints: int = _field(2, "How many epoch checkpoints to keep (the latest ones).", "run", minimum=1)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "TrainConfig":
@@ -169,26 +179,14 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}.")
-        positive = ("epochs", "prompts_per_epoch", "updates_per_epoch", "batch_size", "num_steps", "lora_rank",
-                    "eval_images_per_prompt", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("beta", "clip_range", "learning_rate", "eta", "lora_alpha", "ddpo_clip_range", "ddpo_adv_clip"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be greater than 0, got {getattr(self, name)}.")
-        for name in ("weight_decay", "max_grad_norm", "eval_every", "eval_max_prompts", "resolution", "seed"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}.")
-        if self.images_per_prompt < 2:
-            raise ConfigError(f"images_per_prompt must be at least 2 (pairs are compared within a prompt), got "
-                              f"{self.images_per_prompt}.")
-        if not 0 < self.train_step_fraction <= 1:
-            raise ConfigError(f"train_step_fraction must be in (0, 1], got {self.train_step_fraction}.")
-        if self.num_steps > 1000:
-            raise ConfigError(f"num_steps must be at most 1000 (the models' training timesteps), got {self.num_steps}.")
-        if self.eta > 1.0:
-            raise ConfigError(f"eta must be in (0, 1], got {self.eta}.")
+            if f.metadata["positive"] and value <= 0:
+                raise ConfigError(f"{f.name} must be greater than 0, got {value}.")
+            low, high = f.metadata.get("minimum"), f.metadata.get("maximum")
+            if low is not None and value < low:
+                raise ConfigError(f"{f.name} must not be negative, got {value}." if low == 0 else
+                                  f"{f.name} must be at least {low}, got {value}" + _WHY_AT_LEAST.get(f.name, "."))
+            if high is not None and value > high:
+                raise ConfigError(f"{f.name} must be at most {high:g}, got {value}" + _WHY_AT_MOST.get(f.name, "."))
         if self.retain_graphs == "on" and self.precision == "fp16":
             raise ConfigError("retain_graphs on needs precision fp32 or bf16 (fp16 gradients are scaled and may be "
                               "retried); set retain_graphs to auto or off.")
@@ -252,6 +250,8 @@ class TrainConfig:
 
 _FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}
 _FIELD_TYPES = {f.name: _FIELD_TYPES[f.type] for f in dataclasses.fields(TrainConfig)}
+_WHY_AT_LEAST = {"images_per_prompt": " (pairs are compared within a prompt)."}
+_WHY_AT_MOST = {"num_steps": " (the models' training timesteps)."}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a table",
                list: "a list"}
 
@@ -274,6 +274,78 @@ def config_fields() -> list[dataclasses.Field]:
 
 def field_type(name: str) -> type:
     return _FIELD_TYPES[name]
+
+
+# What the tab shows open and the ComfyUI train node shows as widgets; the rest is "advanced" in both.
+BASIC_FIELDS = ("model", "eval_prompts", "lora_rank", "lora_alpha", "epochs", "prompts_per_epoch",
+                "images_per_prompt", "num_steps", "guidance_scale", "beta", "clip_range", "learning_rate", "seed")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One config field as a face presents it (a Gradio widget, a ComfyUI input)."""
+
+    name: str
+    kind: str  # checkbox | dropdown | int | float | text | list | json
+    label: str
+    help: str
+    default: Any
+    choices: tuple = ()
+    minimum: float | None = None  # inclusive
+    maximum: float | None = None  # inclusive
+    positive: bool = False  # greater than 0 (minimum is then 0)
+
+
+def field_specs(names: tuple[str, ...]) -> list[FieldSpec]:
+    fields = {f.name: f for f in config_fields()}
+    specs = []
+    for name in names:
+        f = fields[name]
+        meta, kind = f.metadata, field_type(name)
+        if "choices" in meta:
+            widget = "dropdown"
+        else:
+            widget = {bool: "checkbox", int: "int", float: "float", list: "list", dict: "json"}.get(kind, "text")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        minimum = 0 if meta["positive"] else meta.get("minimum")
+        specs.append(FieldSpec(name, widget, name.replace("_", " "), meta["help"], default,
+                               tuple(meta.get("choices", ())), minimum, meta.get("maximum"), meta["positive"]))
+    return specs
+
+
+def to_widget(name: str, value: Any) -> Any:
+    """A field's value as a form widget holds it: lists as comma-separated text, tables as JSON."""
+    kind = field_type(name)
+    if kind is list:
+        return ", ".join(value)
+    if kind is dict:
+        return json.dumps(value)
+    return value
+
+
+def from_widget(name: str, value: Any) -> Any:
+    """A widget's value as the config field's type; a value that cannot be one raises ConfigError naming it."""
+    kind = field_type(name)
+    if kind in (int, float):
+        if value is None or value == "":
+            raise ConfigError(f"{name.replace('_', ' ')} is empty; enter a number.")
+        number = float(value)
+        if kind is int:
+            if not number.is_integer():
+                raise ConfigError(f"{name.replace('_', ' ')} must be a whole number, got {value!r}.")
+            return int(number)
+        return number
+    if kind is list:
+        return [part.strip() for part in str(value).split(",") if part.strip()]
+    if kind is dict:
+        try:
+            return json.loads(value or "{}")
+        except json.JSONDecodeError:
+            raise ConfigError(f"{name.replace('_', ' ')} must be JSON such as {{\"http\": {{\"url\": "
+                              f"\"http://127.0.0.1:8000\"}}}}, got {value!r}.") from None
+    if kind is bool:
+        return bool(value)
+    return "" if value is None else str(value)
 
 
 def check_file_name(name: str, what: str, allow_empty: bool = False) -> str:

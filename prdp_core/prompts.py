@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -50,6 +52,20 @@ def load_prompts(source: str | Sequence[str]) -> list[str]:
             raise PromptError(f"prompt file {source} must hold a JSON list of strings.")
         return _checked([p.strip() for p in data if p.strip()], source)
     return _checked(_parse_lines(text), source)
+
+
+def save_typed_prompts(text: str, folder: str | os.PathLike) -> str | None:
+    """Prompts typed one per line (a text box, a node's text field) saved as `folder/prompts/prompts-<hash>.txt`,
+    named by content so that a run's config points at them and the same text always gives the same file; None when
+    the text holds no prompt."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        return None
+    body = "\n".join(lines) + "\n"
+    path = Path(folder) / "prompts" / f"prompts-{hashlib.sha256(body.encode()).hexdigest()[:12]}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(body, encoding="utf-8")
+    return str(path)
 
 
 def _parse_lines(text: str) -> list[str]:

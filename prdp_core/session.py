@@ -46,6 +46,29 @@ class Snapshot:
     error: str = ""
     lora_path: Path | None = None
 
+    def fraction(self) -> float:
+        """How much of the run is done, in [0, 1], for a progress bar: the evaluation before training, each epoch
+        and the evaluation after it count as one stage each (an epoch's sampling, reference and optimisation
+        passes as a third each)."""
+        if self.status in ("finished", "stopped"):
+            return 1.0
+        stages = self.epochs + 2
+        within = self.phase_done / self.phase_total if self.phase_total else 0.0
+        if self.phase.startswith("eval"):
+            if self.epoch == 0 and "before" not in self.evaluations:
+                return within / stages
+            if self.epoch >= self.epochs:
+                return (self.epochs + 1 + within) / stages
+            return (1 + self.epoch) / stages  # an evaluation between epochs (eval_every)
+        if self.phase in _EPOCH_PASSES:
+            within = (_EPOCH_PASSES.index(self.phase) + within) / len(_EPOCH_PASSES)
+        else:  # between phases
+            within = 0.0
+        return min(1.0, (1 + self.epoch + within) / stages)
+
+
+_EPOCH_PASSES = ("sampling", "reference", "optimization")
+
 
 class RunSession:
     def __init__(self, on_change: Callable[[Snapshot], None] | None = None,
@@ -127,6 +150,64 @@ class RunSession:
         with self._guard:
             _append_log(self._state, line)
         self._on_change(self.snapshot())
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+    epochs_done: int  # of the latest checkpoint
+    finished: bool  # trained, evaluated and exported all the epochs its config asks for
+
+
+def list_runs(folder: str | Path) -> list[RunFolder]:
+    """The run folders in `folder` that have a checkpoint, newest first."""
+    from . import checkpoints
+    from .trainer import SUMMARY_FILE
+
+    runs = []
+    for path in Path(folder).iterdir() if Path(folder).is_dir() else ():
+        latest = checkpoints.latest_checkpoint(path)
+        if latest is None:
+            continue
+        done = checkpoints.checkpoint_epoch(latest)
+        summary = _read_json(path / SUMMARY_FILE)
+        config = _read_config(path)
+        finished = summary.get("epochs") == done and config is not None and config.epochs == done
+        runs.append(RunFolder(path, done, finished))
+    return sorted(runs, key=lambda run: run.path.stat().st_mtime_ns, reverse=True)
+
+
+def matching_run(folder: str | Path, config: TrainConfig, ignore: tuple[str, ...] = ()) -> RunFolder | None:
+    """The newest run in `folder` that trained with `config`, but for the settings a resumed run may change and
+    `ignore`d ones: a face continues it (or reuses it when finished) instead of training the same thing again."""
+    from .trainer import RESUMABLE
+
+    def identity(c: TrainConfig) -> dict:
+        return {k: v for k, v in c.to_dict().items() if k not in (*RESUMABLE, *ignore, "run_name", "output_dir")}
+
+    wanted = identity(config)
+    for run in list_runs(folder):
+        saved = _read_config(run.path)
+        if saved is not None and identity(saved) == wanted:
+            return run
+    return None
+
+
+def _read_config(run_dir: Path) -> TrainConfig | None:
+    from .trainer import CONFIG_FILE
+
+    try:
+        return TrainConfig.load(run_dir / CONFIG_FILE)
+    except PrdpError:  # not a run folder, or one written by an incompatible version: not a match
+        return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _apply(state: Snapshot, event: Event) -> None:

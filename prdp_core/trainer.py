@@ -105,7 +105,7 @@ class Trainer:
         except _Cancelled:
             checkpoint = checkpoints.latest_checkpoint(self.run_dir)
             lora = self._export(checkpoint)
-            done = int(checkpoint.name[len("epoch-"):]) if checkpoint else 0
+            done = checkpoints.checkpoint_epoch(checkpoint) if checkpoint else 0
             self._emit(Finished(self.run_dir, lora, {"stopped_after_epoch": done}, cancelled=True))
             return lora
         except PrdpError as exc:
@@ -230,16 +230,17 @@ class Trainer:
             old = traj.log_probs[:, :, :trained]
             batch = EpochBatch(old, rewards.to(old.device), log_probs_ref, advantages)
             updates = []
+            # one count over the phase's passes (K backward, K - 1 log-prob), so that progress never runs backwards
+            progress = self._progress(number, "optimization", traj, repeats=2 * config.updates_per_epoch - 1)
             for k in range(config.updates_per_epoch):
                 # theta = theta_old on the first update, where recomputing would reproduce the stored log-probs.
                 current, graphs = old, None
                 if k > 0:
-                    progress = self._progress(number, "optimization", traj)
                     if self.retain_graphs:
                         current, graphs = sampler.log_probs_with_graphs(traj, progress, trained)
                     else:
                         current = sampler.all_log_probs(traj, progress, trained)
-                loss, grad_norm, stats = self._update(traj, batch, current, graphs)
+                loss, grad_norm, stats = self._update(traj, batch, current, graphs, progress)
                 step = epoch * config.updates_per_epoch + k + 1
                 updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
                 self._emit(StepMetrics(number, k, step, loss, grad_norm, stats))
@@ -270,10 +271,10 @@ class Trainer:
         return metrics
 
     def _update(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor,
-                graphs: dict | None = None) -> tuple[float, float, dict]:
+                graphs: dict | None = None, on_chunk=None) -> tuple[float, float, dict]:
         """One AdamW step on the exact gradient of the objective at the current weights."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = self._accumulate_gradient(traj, batch, current, graphs)
+        loss, stats = self._accumulate_gradient(traj, batch, current, graphs, on_chunk)
         for param in self.params:  # a skipped chunk may leave a parameter without gradient
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
@@ -286,15 +287,15 @@ class Trainer:
         return loss, grad_norm, stats
 
     def _accumulate_gradient(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor,
-                             graphs: dict | None = None) -> tuple[float, dict]:
+                             graphs: dict | None = None, on_chunk=None) -> tuple[float, dict]:
         """Add dL/dtheta to the LoRA parameters' .grad, one UNet micro-batch at a time (see the module docstring).
         `current` holds the log-probs of every stored transition under the current weights; `graphs`, when given,
-        the same log-probs with their autograd graphs (Sampler.log_probs_with_graphs), back-propagated directly."""
+        the same log-probs with their autograd graphs (Sampler.log_probs_with_graphs), back-propagated directly.
+        `on_chunk` is called after each chunk (progress and stop; a stop is checked in any case)."""
         log_probs = current.detach().clone().requires_grad_(True)
         loss = self.objective.loss(log_probs, batch)
         (coefficients,) = torch.autograd.grad(loss, log_probs)
         stats = self.objective.stats(current, batch)
-        done, total = 0, sum(1 for _ in traj.chunks())
         for n, images in traj.chunks():
             self._check_stop()
             for step in range(coefficients.shape[2]):
@@ -307,8 +308,8 @@ class Trainer:
                 else:
                     with self.sampler.clock.timed():
                         (coef * graph).sum().backward()
-            done += 1
-            self._emit(Progress(self.epoch + 1, "optimization", done, total))
+            if on_chunk is not None:
+                on_chunk()
         return loss.item(), stats
 
     def _chunk_backward(self, traj: Trajectories, n: int, images: slice, step: int, coef: torch.Tensor) -> None:
@@ -403,8 +404,9 @@ class Trainer:
     def _emit(self, event: Event) -> None:
         self.on_event(event)
 
-    def _progress(self, epoch: int, phase: str, traj: Trajectories):
-        total = sum(1 for _ in traj.chunks())
+    def _progress(self, epoch: int, phase: str, traj: Trajectories, repeats: int = 1):
+        """A callback for each chunk of `repeats` passes over the trajectories: checks for a stop, reports progress."""
+        total = sum(1 for _ in traj.chunks()) * repeats
         counter = iter(range(1, total + 1))
 
         def on_chunk():

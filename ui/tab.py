@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from prdp_core.config import TrainConfig, check_file_name
+from prdp_core.config import TrainConfig, check_file_name, field_specs, to_widget
 from prdp_core.errors import PrdpError
 from prdp_core.export import export_lora
 from prdp_core.plots import line_plot
@@ -19,8 +19,7 @@ from prdp_core.prompts import builtin_prompt_sets
 from prdp_core.rewards import reward_names
 from prdp_core.session import RunSession, Snapshot
 
-from .form import ADVANCED, BASIC, FIELDS, REWARD, config_to_form, field_specs, form_to_config, prompt_source, \
-    to_widget
+from .form import ADVANCED, BASIC, FIELDS, REWARD, config_to_form, form_to_config, prompt_source
 
 EXPORT_FORMATS = ("kohya", "diffusers")
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
