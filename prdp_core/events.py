@@ -23,6 +23,7 @@ class RunStarted(Event):
     config: Any  # TrainConfig
     start_epoch: int  # 0 for a new run, the resumed epoch otherwise
     lora_modules: int
+    eval_sets: list[str]  # in the order every evaluation samples them; phase "eval <set>"
 
 
 @dataclass

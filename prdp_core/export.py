@@ -121,9 +121,9 @@ def export_lora(source, path: str | os.PathLike, format: str = "kohya", dtype: s
         raise ExportError(f"export path {path} must end in .safetensors.")
     if not path.parent.is_dir():
         raise ExportError(f"cannot write {path}: folder {path.parent} does not exist; create it or choose another "
-                          f"--out.")
+                          f"folder.")
     if not os.access(path.parent, os.W_OK):
-        raise ExportError(f"cannot write {path}: folder {path.parent} is not writable; choose another --out.")
+        raise ExportError(f"cannot write {path}: folder {path.parent} is not writable; choose another folder.")
     name = name or path.stem
     torch_dtype = EXPORT_DTYPES[dtype]
     try:
@@ -133,7 +133,7 @@ def export_lora(source, path: str | os.PathLike, format: str = "kohya", dtype: s
         else:
             _save_diffusers(weights, path, torch_dtype)
     except OSError as exc:
-        raise ExportError(f"cannot write {path}: {exc.strerror or exc}; free space or choose another --out.") from None
+        raise ExportError(f"cannot write {path}: {exc.strerror or exc}; free space or choose another folder.") from None
     if sidecar or preview is not None:
         try:
             write_a1111_sidecars(weights, path, json_file=sidecar, preview=preview)

@@ -43,28 +43,34 @@ class Snapshot:
     sampled: int = 0  # how many times `samples` was replaced, so a face redraws the gallery only when it changed
     evaluations: dict[str, dict] = field(default_factory=dict)  # "before" / "epoch-N" / "after" -> set -> stats
     log: list[str] = field(default_factory=list)
+    eval_sets: list[str] = field(default_factory=list)  # what each evaluation samples, in order
     error: str = ""
     lora_path: Path | None = None
 
     def fraction(self) -> float:
         """How much of the run is done, in [0, 1], for a progress bar: the evaluation before training, each epoch
         and the evaluation after it count as one stage each (an epoch's sampling, reference and optimisation
-        passes as a third each)."""
+        passes as a third each). It never decreases within a new run; a resumed run also recomputes its "before"
+        images after the "after" evaluation, which a bar shows as a second pass of the last stage."""
         if self.status in ("finished", "stopped"):
             return 1.0
         stages = self.epochs + 2
         within = self.phase_done / self.phase_total if self.phase_total else 0.0
+        if not self.phase:  # between phases: at the end of the stages done so far
+            if "after" in self.evaluations:
+                return 1.0
+            return (1 + self.epoch) / stages if self.epoch or "before" in self.evaluations else 0.0
         if self.phase.startswith("eval"):
-            if self.epoch == 0 and "before" not in self.evaluations:
-                return within / stages
+            name = self.phase[len("eval "):]
+            if name in self.eval_sets:  # each set of the evaluation is a part of it
+                within = (self.eval_sets.index(name) + within) / len(self.eval_sets)
             if self.epoch >= self.epochs:
                 return (self.epochs + 1 + within) / stages
+            if self.epoch == 0 and "before" not in self.evaluations:
+                return within / stages
             return (1 + self.epoch) / stages  # an evaluation between epochs (eval_every)
-        if self.phase in _EPOCH_PASSES:
-            within = (_EPOCH_PASSES.index(self.phase) + within) / len(_EPOCH_PASSES)
-        else:  # between phases
-            within = 0.0
-        return min(1.0, (1 + self.epoch + within) / stages)
+        passes = _EPOCH_PASSES.index(self.phase) if self.phase in _EPOCH_PASSES else 0
+        return (1 + self.epoch + (passes + within) / len(_EPOCH_PASSES)) / stages
 
 
 _EPOCH_PASSES = ("sampling", "reference", "optimization")
@@ -114,7 +120,8 @@ class RunSession:
     def snapshot(self) -> Snapshot:
         with self._guard:
             return replace(self._state, curve=list(self._state.curve), samples=list(self._state.samples),
-                           evaluations=dict(self._state.evaluations), log=list(self._state.log))
+                           evaluations=dict(self._state.evaluations), log=list(self._state.log),
+                           eval_sets=list(self._state.eval_sets))
 
     # ------------------------------------------------------------------------------------------ the thread
     def _launch(self, make_trainer: Callable) -> None:
@@ -213,7 +220,7 @@ def _read_json(path: Path) -> dict:
 def _apply(state: Snapshot, event: Event) -> None:
     """Fold one trainer event into what a face shows."""
     if isinstance(event, RunStarted):
-        state.run_dir, state.epoch = event.run_dir, event.start_epoch
+        state.run_dir, state.epoch, state.eval_sets = event.run_dir, event.start_epoch, list(event.eval_sets)
         state.epochs = event.config.epochs
         if event.start_epoch:  # a resumed run's curve starts with the epochs already in its metrics
             from .trainer import METRICS_FILE
@@ -229,11 +236,12 @@ def _apply(state: Snapshot, event: Event) -> None:
                          for image, reward, prompt in zip(event.images, event.rewards, event.prompts)]
         state.sampled += 1
     elif isinstance(event, EpochEnd):
-        state.epoch = event.epoch
+        state.epoch, state.phase, state.phase_done, state.phase_total = event.epoch, "", 0, 0
         state.curve.append(_curve_row(event.metrics))
         _append_log(state, f"epoch {event.epoch}/{state.epochs}: reward {event.metrics['reward_mean']:.4g}")
     elif isinstance(event, Evaluated):
         state.evaluations[event.label] = event.results
+        state.phase, state.phase_done, state.phase_total = "", 0, 0
         means = ", ".join(f"{name} {stats['mean']:.4g} ± {stats['se']:.2g}" for name, stats in event.results.items())
         _append_log(state, f"evaluation {event.label}: {means}")
     elif isinstance(event, CheckpointWritten):

@@ -128,7 +128,7 @@ class Trainer:
         config = self.config
         started = time.perf_counter()
         self._setup()
-        self._emit(RunStarted(self.run_dir, config, self.epoch, len(self.lora_modules)))
+        self._emit(RunStarted(self.run_dir, config, self.epoch, len(self.lora_modules), list(self.eval_sets)))
         if "eval_before" not in self.state:
             self._checkpoint()  # resumable from the very start
             with lora_disabled(self.unet):
@@ -615,6 +615,6 @@ def _new_run_dir(config: TrainConfig) -> Path:
             run_dir, suffix = root / f"{name}-{suffix}", suffix + 1
         run_dir.mkdir()
     except OSError as exc:
-        raise ConfigError(f"output folder {root} is not writable ({exc.strerror or exc}); choose another with --out.") \
-            from None
+        raise ConfigError(f"output folder {root} is not writable ({exc.strerror or exc}); choose another output "
+                          f"folder.") from None
     return run_dir

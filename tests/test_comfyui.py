@@ -4,8 +4,8 @@ uses (tests/comfyui_double): the nodes' declarations follow ComfyUI's rules, tra
 
 import importlib.util
 import json
+import socket
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -144,14 +144,28 @@ def test_low_vram_and_advanced_settings_merge(comfy, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- training
-def test_training_through_the_node_equals_prdp_train(comfy, tmp_path):
+def test_training_through_the_node_equals_prdp_train(comfy, tmp_path, monkeypatch):
+    import weakref
+
+    import prdp_core.trainer
+
+    pipelines = []
+
+    def load_pipeline(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        pipelines.append(weakref.ref(pipe))
+        return pipe
+    load = prdp_core.trainer.load_pipeline
+    monkeypatch.setattr(prdp_core.trainer, "load_pipeline", load_pipeline)
     comfy.mm.calls.clear()
     comfy.utils.updates.clear()
     (lora, lora_name, before_after, curve), ui = train(comfy, lora_name="tiny.safetensors")
     assert lora_name == "tiny.safetensors"
     path = comfy.base / "models" / "loras" / lora_name
     assert {p.name for p in path.parent.iterdir()} == {"tiny.safetensors", "tiny.json", "tiny.preview.png"}
+    # ComfyUI's models go before training; the run's own pipeline is gone when the node returns
     assert comfy.mm.calls[0] == "unload_all_models" and comfy.mm.calls[-1] == "soft_empty_cache"
+    assert len(pipelines) == 1 and pipelines[0]() is None
 
     # the LORA_MODEL output is the file's kohya state dict, which ComfyUI's Load LoRA Model applies
     on_disk = load_file(path)
@@ -198,7 +212,7 @@ def test_interrupt_then_resume_gives_the_same_lora(comfy):
     assert not comfy.mm.processing_interrupted()  # the flag is consumed, the next prompt runs
     interrupted = runs(comfy)[-1]
     assert len(runs(comfy)) == count + 1 and not (interrupted / "summary.json").exists()
-    assert [p.name for p in (interrupted / "checkpoints").iterdir()] == ["epoch-0001"]  # stopped inside epoch 2
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["epoch-0000", "epoch-0001"]
     assert not (comfy.base / "models" / "loras" / "parts.safetensors").exists()
 
     (resumed, *_), _ = train(comfy, lora_name="parts", epochs=2, seed=7)  # queued again, resume on
@@ -230,6 +244,9 @@ def _one_sentence(message: str) -> bool:
 
 
 def test_engine_errors_are_one_sentence_and_the_next_run_works(comfy, tmp_path):
+    with socket.socket() as s:  # a port nothing listens on: a reward server that is down
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
     bad_scorer = tmp_path / "scorer.py"
     bad_scorer.write_text("def nan(images, prompts):\n    return [float('nan')] * len(images)\n")
     reward = comfy.nodes["PRDPReward"]
@@ -243,6 +260,9 @@ def test_engine_errors_are_one_sentence_and_the_next_run_works(comfy, tmp_path):
         (lambda: train(comfy, epochs=0), "epochs must be at least 1"),
         (lambda: run_node(comfy.nodes["PRDPTrainLoRA"], reward_mix=mix_of(comfy, (f"{bad_scorer}:nan", 1.0)),
                           **TINY_BASIC), "non-finite"),  # fails inside the run, in its thread
+        (lambda: run_node(comfy.nodes["PRDPTrainLoRA"], reward_mix=run_node(
+            reward, reward="http", options=json.dumps({"url": f"http://127.0.0.1:{closed_port}", "retries": 0}))[0][0],
+            **TINY_BASIC), "cannot reach reward server"),
     ]
     for call, expected in cases:
         with pytest.raises(PrdpError) as raised:
@@ -289,3 +309,23 @@ def test_export_node_writes_the_chosen_format_into_loras(comfy):
     assert (path.with_suffix(".json")).is_file() and latest in ui["text"][0]
     with pytest.raises(ConfigError, match="refresh the page"):
         run_node(export, run="gone", lora_name="x")
+
+
+def test_the_example_workflow_fits_the_nodes(comfy):
+    """Every widget value of the shipped workflow is valid for the node's current inputs, in their order."""
+    workflow = json.loads((ROOT / "example_workflows" / "prdp_toy_train.json").read_text())
+    ours = [node for node in workflow["nodes"] if node["type"] in comfy.nodes]
+    assert {node["type"] for node in ours} == {"PRDPReward", "PRDPTrainLoRA"}
+    for node in ours:
+        declared = comfy.nodes[node["type"]].INPUT_TYPES()
+        widgets = [(name, kind, options) for section in ("required", "optional")
+                   for name, (kind, options) in declared.get(section, {}).items()
+                   if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN")]
+        assert len(widgets) == len(node["widgets_values"]), node["type"]
+        for (name, kind, options), value in zip(widgets, node["widgets_values"]):
+            if isinstance(kind, list):
+                assert value in kind, name
+            elif kind in ("INT", "FLOAT"):
+                assert options["min"] <= value <= options["max"], name
+        links = [slot["name"] for slot in node["inputs"] if slot.get("link") is not None]
+        assert all(name in declared["required"] or name in declared.get("optional", {}) for name in links)

@@ -131,6 +131,8 @@ def run_in_browser(server: Server, workflow: dict, screenshot: Path) -> str | No
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        server.post("/settings/Comfy.TutorialCompleted", True)  # no template browser over the canvas at first start
+        server.post("/settings/Comfy.Minimap.Visible", False)  # nor the minimap over the grid
         page.goto(server.url)
         page.wait_for_function("window.app && window.app.graph", timeout=120_000)
         page.evaluate("workflow => window.app.loadGraphData(workflow)", workflow)
@@ -139,8 +141,8 @@ def run_in_browser(server: Server, workflow: dict, screenshot: Path) -> str | No
         prompt_id = server.wait_for(lambda: _new_prompt(server, before), 60, "the prompt the page queued")
         server.result(prompt_id, 1800)
         page.wait_for_timeout(3000)  # the preview images arrive over the websocket
-        page.evaluate("() => window.app.canvas.ds && (window.app.canvas.ds.scale = 0.82)")
-        page.evaluate("() => window.app.graph.setDirtyCanvas(true, true)")
+        page.evaluate("() => { const ds = window.app.canvas.ds; ds.scale = 1; ds.offset = [70, 70]; "
+                      "window.app.graph.setDirtyCanvas(true, true); }")
         page.wait_for_timeout(1000)
         page.screenshot(path=str(screenshot))
         browser.close()
@@ -151,6 +153,18 @@ def _new_prompt(server: Server, before: set) -> str | None:
     queue = server.get("/queue") or {}
     queued = {item[1] for item in queue.get("queue_running", []) + queue.get("queue_pending", [])}
     return next(iter(queued | set(server.get("/history") or {}) - before), None)
+
+
+def _tracebacks(log: str) -> list[str]:
+    """Each Python traceback in a log: its header, its indented frames, its exception line."""
+    found, lines = [], log.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback"):
+            end = i + 1
+            while end < len(lines) and lines[end].startswith(" "):
+                end += 1
+            found.append("\n".join(lines[i:end + 1]))
+    return found
 
 
 def test_the_pack_in_a_real_comfyui(tmp_path):
@@ -166,6 +180,7 @@ def test_the_pack_in_a_real_comfyui(tmp_path):
         info = server.get("/object_info")
         ours = {name for name, node in info.items() if node.get("category") == "PRDP"}
         assert ours == {"PRDPReward", "PRDPTrainLoRA", "PRDPAdvancedSettings", "PRDPScoreImages", "PRDPExportLoRA"}
+        assert server.get("/api/workflow_templates")["prdp-lora"] == ["prdp_toy_train"]  # Browse Templates lists it
 
         # 1. the example workflow, as shipped
         workflow = json.loads((ROOT / "example_workflows" / "prdp_toy_train.json").read_text())
@@ -189,6 +204,11 @@ def test_the_pack_in_a_real_comfyui(tmp_path):
         previews = [o["images"][0] for k, o in entry["outputs"].items() if prompt[k]["class_type"] == "PreviewImage"]
         assert len(previews) == 2  # the grid and the curve reached ComfyUI's own PreviewImage nodes
         summary.update(lora=str(lora), screenshot=str(screenshot) if screenshot.is_file() else None)
+        started = time.time()
+        entry = server.result(server.queue(prompt), 120)  # the same prompt again: ComfyUI's cache, no training
+        cached = next(m[1]["nodes"] for m in entry["status"]["messages"] if m[0] == "execution_cached")
+        assert train_id in cached
+        summary["same_prompt_again_s"] = round(time.time() - started, 1)
 
         # 2. interrupt a shorter run after its first epoch, queue it again, compare with an uninterrupted one
         short = json.loads(json.dumps(prompt))
@@ -229,7 +249,7 @@ def test_the_pack_in_a_real_comfyui(tmp_path):
     import_line = next((line for line in log.splitlines() if "prdp-lora" in line and "seconds" in line), "")
     summary["import_line"] = import_line.strip()
     assert import_line and "IMPORT FAILED" not in import_line
-    tracebacks = ["\n".join(part.splitlines()[:60]) for part in log.split("Traceback")[1:]]
+    tracebacks = _tracebacks(log)
     ours = [trace for trace in tracebacks if "prdp" in trace.lower()]
     assert not ours, ours[0]  # ComfyUI may log others' (e.g. its audio nodes without torchaudio)
     summary["other_tracebacks_in_log"] = len(tracebacks)

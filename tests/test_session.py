@@ -35,6 +35,8 @@ def test_a_run_fills_the_snapshot(tiny_config):
     assert state.lora_path.is_file() and state.lora_path.parent == state.run_dir
     assert any("epoch 2/2" in line for line in state.log)
     assert changes and changes[-1].status == "finished"  # faces can be pushed to instead of polling
+    fractions = [snapshot.fraction() for snapshot in changes]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # a progress bar that never runs backwards
 
 
 def test_one_run_per_process(tiny_config):

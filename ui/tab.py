@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Callable, ContextManager
 
 from prdp_core.config import TrainConfig, check_file_name, field_specs, to_widget
 from prdp_core.errors import PrdpError

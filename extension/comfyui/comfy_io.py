@@ -30,8 +30,11 @@ def checkpoint_path(name: str) -> str:
 
 
 def loras_folder() -> Path:
-    """The first `loras` folder (models/loras), where LoraLoader finds the files after a refresh."""
-    return Path(folder_paths.get_folder_paths("loras")[0])
+    """The first `loras` folder (models/loras), where LoraLoader finds the files after a refresh; made if missing
+    (ComfyUI lists folders that need not exist, e.g. under a new --base-directory)."""
+    folder = Path(folder_paths.get_folder_paths("loras")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def output_folder() -> Path:

@@ -89,7 +89,7 @@ class PRDPReward:
                 "weight": ("FLOAT", {"default": 1.0, "min": -1000.0, "max": 1000.0, "step": 0.01,
                                      "tooltip": "Its weight in the mix; negative to push the reward down."}),
                 "options": _text("{}", "Its settings as JSON, e.g. {\"url\": \"http://127.0.0.1:8765\"} for http "
-                                 "or a local weight file; {} for none.", multiline=True),
+                                 "or a local weight file; {} for none."),
                 "custom": _text("", "Your own scorer instead of the list: module:function or path/to/file.py:function, "
                                 "taking (list of PIL images, list of prompts) and returning one number per image."),
             },

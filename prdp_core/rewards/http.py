@@ -42,8 +42,8 @@ class HttpReward(Reward):
                  batch_size: int = 16):
         super().__init__(device=device, dtype=dtype)
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise RewardError(f"reward 'http' needs its server's address as option url, e.g. --reward-option "
-                              f"http.url=http://127.0.0.1:8765, got {url!r}.")
+            raise RewardError(f"reward 'http' needs its server's address as option url, e.g. "
+                              f"http://127.0.0.1:8765, got {url!r}.")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise RewardError(f"reward 'http' option timeout must be a number of seconds above 0, got {timeout!r}.")
         for option, value, minimum in (("retries", retries, 0), ("batch_size", batch_size, 1)):
@@ -84,7 +84,7 @@ class HttpReward(Reward):
             if isinstance(exc.reason, TimeoutError):  # timed out while connecting
                 raise self._timed_out() from None
             raise _Retryable(f"cannot reach reward server {self.url} ({exc.reason}); start it (prdp reward-server "
-                             f"--reward NAME) or fix the http.url option") from None
+                             f"--reward NAME) or fix the url option of the http reward") from None
         except TimeoutError:  # timed out while waiting for the answer
             raise self._timed_out() from None
         except (OSError, http.client.HTTPException) as exc:  # e.g. the server dropped the connection mid-answer
