@@ -43,6 +43,7 @@ class Snapshot:
     sampled: int = 0  # how many times `samples` was replaced, so a face redraws the gallery only when it changed
     evaluations: dict[str, dict] = field(default_factory=dict)  # "before" / "epoch-N" / "after" -> set -> stats
     log: list[str] = field(default_factory=list)
+    logged: int = 0  # lines ever added to `log` (which keeps the last LOG_LINES), so a face can print only new ones
     eval_sets: list[str] = field(default_factory=list)  # what each evaluation samples, in order
     error: str = ""
     lora_path: Path | None = None
@@ -263,4 +264,5 @@ def _curve_row(metrics: dict) -> dict[str, float]:
 
 def _append_log(state: Snapshot, line: str) -> None:
     state.log.append(f"{time.strftime('%H:%M:%S')} {line}")
+    state.logged += 1
     del state.log[:-LOG_LINES]

@@ -144,7 +144,8 @@ def test_low_vram_and_advanced_settings_merge(comfy, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- training
-def test_training_through_the_node_equals_prdp_train(comfy, tmp_path, monkeypatch):
+def test_training_through_the_node_equals_prdp_train(comfy, tmp_path, monkeypatch, caplog):
+    import logging
     import weakref
 
     import prdp_core.trainer
@@ -159,7 +160,11 @@ def test_training_through_the_node_equals_prdp_train(comfy, tmp_path, monkeypatc
     monkeypatch.setattr(prdp_core.trainer, "load_pipeline", load_pipeline)
     comfy.mm.calls.clear()
     comfy.utils.updates.clear()
+    caplog.set_level(logging.INFO, logger="prdp")
     (lora, lora_name, before_after, curve), ui = train(comfy, lora_name="tiny.safetensors")
+    console = [record.getMessage() for record in caplog.records if record.name == "prdp"]
+    assert sum("epoch 1/1: reward" in line for line in console) == 1  # the console gets each log line once
+    assert console[-1].split(" ", 2)[2].startswith("finished; LoRA")
     assert lora_name == "tiny.safetensors"
     path = comfy.base / "models" / "loras" / lora_name
     assert {p.name for p in path.parent.iterdir()} == {"tiny.safetensors", "tiny.json", "tiny.preview.png"}
@@ -225,6 +230,8 @@ def test_interrupt_then_resume_gives_the_same_lora(comfy):
     (again, *_), _ = train(comfy, lora_name="parts_again", epochs=2, seed=7)  # finished: reused, not retrained
     assert "unload_all_models" not in comfy.mm.calls and len(runs(comfy)) == count + 2
     assert all(torch.equal(again[k], resumed[k]) for k in again)
+    train(comfy, lora_name="fewer", epochs=1, seed=7)  # fewer epochs than the finished run: trained anew
+    assert len(runs(comfy)) == count + 3
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -184,6 +184,8 @@ class PRDPTrainLoRA:
         stem = _lora_stem(lora_name)
         config = self.config(model, reward_mix, prompts, prompt_set, eval_prompts, low_vram, advanced or {}, basic)
         run = matching_run(comfy_io.runs_folder(), config, ignore=("lora_name",)) if resume else None
+        if run is not None and run.epochs_done > config.epochs:
+            run = None  # trained past the epochs asked for now: a new run gives that LoRA
         if run is not None and run.finished and run.epochs_done == config.epochs:
             log.info(f"[PRDP] reusing the finished run {run.path} (same settings; turn resume off to train again)")
             run_dir = run.path
@@ -231,9 +233,9 @@ def _run(config: TrainConfig, resume_dir: Path | None) -> Path:
     while True:
         finished = session.wait(0.25)
         state = session.snapshot()
-        for line in state.log[shown_lines:]:
+        for line in state.log[len(state.log) - min(state.logged - shown_lines, len(state.log)):]:
             log.info(f"[PRDP] {line}")
-        shown_lines = len(state.log)
+        shown_lines = state.logged
         preview = _samples_preview(state) if state.sampled != shown_samples else None
         shown_samples = state.sampled
         fraction = max(fraction, state.fraction())  # a resumed run recomputes its "before" images at the end
