@@ -13,7 +13,7 @@ HOST_OWNED = {"torch", "torchvision", "torchaudio", "gradio"}
 
 
 @pytest.fixture
-def install(monkeypatch):
+def install():
     spec = importlib.util.spec_from_file_location("prdp_install_hook", ROOT / "install.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -51,3 +51,12 @@ def test_only_missing_requirements_are_installed_with_everything_else_held(insta
     calls.clear()
     requirements.write_text("peft>=0.1\n")
     assert install.main() == 0 and calls == []  # all there: no pip at all
+
+
+def test_installed_with_pip_the_project_claims_no_generic_top_level_names():
+    """`pip install -e .` installs the engine and the tab; the node pack's root files and folders stay out."""
+    import importlib.metadata
+
+    distribution = importlib.metadata.distribution("prdp-lora")
+    assert set(distribution.read_text("top_level.txt").split()) == {"prdp_core", "prdp_ui"}
+    assert distribution.metadata["License-Expression"] == "Apache-2.0"
