@@ -186,20 +186,16 @@ def list_runs(folder: str | Path) -> list[RunFolder]:
     return sorted(runs, key=lambda run: run.path.stat().st_mtime_ns, reverse=True)
 
 
-def matching_run(folder: str | Path, config: TrainConfig, ignore: tuple[str, ...] = ()) -> RunFolder | None:
-    """The newest run in `folder` that trained with `config`, but for the settings a resumed run may change and
-    `ignore`d ones: a face continues it (or reuses it when finished) instead of training the same thing again."""
+def matching_runs(folder: str | Path, config: TrainConfig, ignore: tuple[str, ...] = ()) -> list[RunFolder]:
+    """The runs in `folder` (newest first) that trained with `config`, but for the settings a resumed run may change
+    and `ignore`d ones: a face continues one (or reuses a finished one) instead of training the same thing again."""
     from .trainer import RESUMABLE
 
     def identity(c: TrainConfig) -> dict:
         return {k: v for k, v in c.to_dict().items() if k not in (*RESUMABLE, *ignore, "run_name", "output_dir")}
 
     wanted = identity(config)
-    for run in list_runs(folder):
-        saved = _read_config(run.path)
-        if saved is not None and identity(saved) == wanted:
-            return run
-    return None
+    return [run for run in list_runs(folder) if (saved := _read_config(run.path)) and identity(saved) == wanted]
 
 
 def _read_config(run_dir: Path) -> TrainConfig | None:

@@ -147,7 +147,7 @@ class Trainer:
                 self._append_metrics({"epoch": self.epoch, "eval": results})  # its own line: a stop during the
                 # evaluation leaves the epoch's checkpoint and metrics complete
         after, after_images = self._evaluate("after")
-        self._write_before_after(after_images)
+        self._write_before_after(after_images, after)
         self.state["finished_at"] = time.time()
         lora = self._export(checkpoints.latest_checkpoint(self.run_dir))
         summary = self._write_summary(after, lora, time.perf_counter() - started)
@@ -485,19 +485,24 @@ class Trainer:
         return export_lora(checkpoint / "adapter.safetensors", self.run_dir / f"{name}.safetensors", sidecar=True,
                            preview=self.preview_image)
 
-    def _write_before_after(self, after_images: dict[str, list]) -> None:
+    def _write_before_after(self, after_images: dict[str, list], after: dict) -> None:
+        """Up to 4 prompts of each eval set, before and after, on the same seeds: each image with its reward, each
+        row with the prompt's mean, so the picture says what changed."""
         before_images = self.before_images
         if before_images is None:  # resumed run: the base model's eval images are recomputed, same seeds
             with lora_disabled(self.unet):
                 _, before_images = self._evaluate("before (recomputed)")
         count = self.config.eval_images_per_prompt
-        rows, titles = [], []
+        rows, captions, titles = [], [], []
         for name, prompts in self.eval_sets.items():
             for j, prompt in enumerate(prompts[:4]):
-                for label, images in (("before", before_images[name]), ("after", after_images[name])):
+                for label, images, results in (("before", before_images[name], self.state["eval_before"][name]),
+                                               ("after", after_images[name], after[name])):
+                    scores = results["scores"][j * count:(j + 1) * count]
                     rows.append(images[j * count:(j + 1) * count])
-                    titles.append(f"{label} | {name}: {prompt}")
-        image_grid(rows, row_titles=titles).save(self.run_dir / "previews" / "before_after.png")
+                    captions.append([f"{score:.3g}" for score in scores])
+                    titles.append(f"{label} | {name}: {prompt} | mean reward {np.mean(scores):.3g}")
+        image_grid(rows, captions, titles).save(self.run_dir / "previews" / "before_after.png")
 
     def _write_summary(self, after: dict, lora: Path, seconds: float) -> dict:
         before = self.state["eval_before"]

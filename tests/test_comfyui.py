@@ -85,6 +85,17 @@ def runs(comfy) -> list[Path]:
     return sorted(p for p in (comfy.base / "output" / "prdp").iterdir() if (p / "config.toml").is_file())
 
 
+def interrupting_at(comfy, fraction):
+    """A progress hook that presses Interrupt once the bar passes `fraction`, as a user would."""
+    server_hook = comfy.utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, node_id=None):
+        if value >= total * fraction:
+            comfy.mm.interrupt_current_processing()
+        server_hook(value, total, preview, node_id)
+    return hook
+
+
 # ---------------------------------------------------------------------------------------------- declarations
 def test_every_node_follows_comfyui_rules(comfy):
     assert set(comfy.names) == set(comfy.nodes)
@@ -123,7 +134,9 @@ def test_training_inputs_are_the_config_fields(comfy):
     for spec in field_specs(tuple(advanced_inputs)):  # generated from the field's metadata
         kind, options = advanced_inputs[spec.name]
         assert options["tooltip"] == spec.help
-        if spec.minimum is not None:
+        if spec.positive:
+            assert 0 < options["min"] <= options["default"]  # ComfyUI's bounds are inclusive
+        elif spec.minimum is not None:
             assert options["min"] == spec.minimum
     assert train_inputs["seed"][1]["control_after_generate"] is False  # a training seed is not re-rolled per queue
     assert train_inputs["model"][0][0] == "builtin:toy"
@@ -164,7 +177,7 @@ def test_training_through_the_node_equals_prdp_train(comfy, tmp_path, monkeypatc
     (lora, lora_name, before_after, curve), ui = train(comfy, lora_name="tiny.safetensors")
     console = [record.getMessage() for record in caplog.records if record.name == "prdp"]
     assert sum("epoch 1/1: reward" in line for line in console) == 1  # the console gets each log line once
-    assert console[-1].split(" ", 2)[2].startswith("finished; LoRA")
+    assert console[-1].startswith("[PRDP] LoRA saved as") and "as tiny.safetensors after a refresh" in console[-1]
     assert lora_name == "tiny.safetensors"
     path = comfy.base / "models" / "loras" / lora_name
     assert {p.name for p in path.parent.iterdir()} == {"tiny.safetensors", "tiny.json", "tiny.preview.png"}
@@ -203,12 +216,8 @@ def test_training_through_the_node_equals_prdp_train(comfy, tmp_path, monkeypatc
 def test_interrupt_then_resume_gives_the_same_lora(comfy):
     count = len(runs(comfy))
 
-    def interrupt_in_epoch_2(value, total, preview, node_id=None):
-        if value > total * 2.3 / 4:  # stages: before-eval, epoch 1, epoch 2, after-eval
-            comfy.mm.interrupt_current_processing()
-        server_hook(value, total, preview, node_id)
     server_hook = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.PROGRESS_BAR_HOOK = interrupt_in_epoch_2
+    comfy.utils.PROGRESS_BAR_HOOK = interrupting_at(comfy, 2.3 / 4)  # stages: before-eval, epoch 1, 2, after-eval
     try:
         with pytest.raises(comfy.mm.InterruptProcessingException):
             train(comfy, lora_name="parts", epochs=2, seed=7)
@@ -232,6 +241,28 @@ def test_interrupt_then_resume_gives_the_same_lora(comfy):
     assert all(torch.equal(again[k], resumed[k]) for k in again)
     train(comfy, lora_name="fewer", epochs=1, seed=7)  # fewer epochs than the finished run: trained anew
     assert len(runs(comfy)) == count + 3
+
+
+def test_a_run_that_trained_nothing_is_neither_exported_nor_preferred(comfy, monkeypatch):
+    train(comfy, lora_name="first", epochs=1, seed=11)
+    finished = runs(comfy)[-1]
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", interrupting_at(comfy, 0.0))
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        train(comfy, lora_name="aborted", epochs=1, seed=11, resume=False)  # stopped before its first epoch
+    monkeypatch.undo()
+    aborted = max(runs(comfy), key=lambda p: p.stat().st_mtime_ns)
+    assert aborted != finished and not (aborted / "checkpoints" / "epoch-0001").exists()
+
+    export = comfy.nodes["PRDPExportLoRA"]
+    assert aborted.name not in export.INPUT_TYPES()["required"]["run"][0]
+    _, ui = run_node(export, run="latest", lora_name="latest")
+    assert aborted.name not in ui["text"][0] and "(1 of 1 epochs)" in ui["text"][0]
+    with pytest.raises(ConfigError, match="no trained epoch"):
+        run_node(export, run=aborted.name, lora_name="nothing")
+
+    comfy.mm.calls.clear()
+    train(comfy, lora_name="again", epochs=1, seed=11)  # resume on: the finished run, not the newer empty one
+    assert "unload_all_models" not in comfy.mm.calls
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -143,7 +143,7 @@ def run_in_browser(server: Server, workflow: dict, screenshot: Path) -> str | No
         prompt_id = server.wait_for(lambda: _new_prompt(server, before), 60, "the prompt the page queued")
         server.result(prompt_id, 1800)
         page.wait_for_timeout(3000)  # the preview images arrive over the websocket
-        page.evaluate("() => { const ds = window.app.canvas.ds; ds.scale = 1; ds.offset = [70, 70]; "
+        page.evaluate("() => { const ds = window.app.canvas.ds; ds.scale = 0.78; ds.offset = [80, 60]; "
                       "window.app.graph.setDirtyCanvas(true, true); }")
         page.wait_for_timeout(1000)
         page.screenshot(path=str(screenshot))
@@ -232,6 +232,8 @@ def test_the_example_workflow_trains_and_shows_its_pictures(comfyui):
     assert (base / "output" / shown["subfolder"] / shown["filename"]).is_file()
     previews = [o["images"][0] for k, o in entry["outputs"].items() if prompt[k]["class_type"] == "PreviewImage"]
     assert len(previews) == 2  # the grid and the curve reached ComfyUI's own PreviewImage nodes
+    texts = [o["text"][0] for k, o in entry["outputs"].items() if prompt[k]["class_type"] == "PreviewAny"]
+    assert texts == [lora.name]  # the template shows where the LoRA went
     summary.update(lora=str(lora), screenshot=str(screenshot) if screenshot.is_file() else None)
 
     started = time.time()

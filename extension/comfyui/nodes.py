@@ -22,7 +22,7 @@ from prdp_core.export import EXPORT_DTYPES, FORMATS, export_lora
 from prdp_core.models import BUILTIN_MODELS
 from prdp_core.prompts import BUILTIN_PREFIX, builtin_prompt_sets, save_typed_prompts
 from prdp_core.rewards import RewardMix, create_reward, reward_names
-from prdp_core.session import RunSession, Snapshot, list_runs, matching_run
+from prdp_core.session import RunFolder, RunSession, Snapshot, list_runs, matching_runs
 from prdp_core.trainer import RESUMABLE
 
 from . import comfy_io
@@ -60,7 +60,8 @@ def comfy_input(spec: FieldSpec, **options) -> tuple:
     if spec.kind == "float":
         # ComfyUI rounds a float widget to its step's decimals, so the step sits two decades below the default
         step = 10.0 ** (math.floor(math.log10(abs(default))) - 2) if default else 0.01
-        return "FLOAT", {"min": spec.minimum if spec.minimum is not None else -FLOAT_MAX,
+        minimum = step if spec.positive else spec.minimum  # greater than 0: the smallest value the widget holds
+        return "FLOAT", {"min": minimum if minimum is not None else -FLOAT_MAX,
                          "max": FLOAT_MAX if spec.maximum is None else spec.maximum, "step": step, **common}
     return "STRING", {"multiline": spec.kind == "json", "dynamicPrompts": False, **common}
 
@@ -85,7 +86,8 @@ class PRDPReward:
             "required": {
                 "reward": (names, {"default": next(iter(TrainConfig().rewards)),
                                    "tooltip": "A built-in reward (toy_match and toy_alignment go with builtin:toy; "
-                                              "aesthetic, pickscore, hps, imagereward and clip with real models)."}),
+                                              "aesthetic, pickscore, hps, imagereward and clip_score with real "
+                                              "models)."}),
                 "weight": ("FLOAT", {"default": 1.0, "min": -1000.0, "max": 1000.0, "step": 0.01,
                                      "tooltip": "Its weight in the mix; negative to push the reward down."}),
                 "options": _text("{}", "Its settings as JSON, e.g. {\"url\": \"http://127.0.0.1:8765\"} for http "
@@ -158,7 +160,8 @@ class PRDPTrainLoRA:
         required = {
             "model": ([*BUILTIN_MODELS, *comfy_io.checkpoint_names()],
                       {"default": defaults.model, "tooltip": "The base model: builtin:toy trains in minutes on a "
-                       "CPU; a checkpoint from models/checkpoints (SD1.x, SD2.x, SDXL) is the real job."}),
+                       "CPU; a checkpoint from models/checkpoints (SD1.x, SD2.x, SDXL) is the real job. The other "
+                       "builtins have random weights, for trying the plumbing only."}),
             "reward_mix": (REWARD_MIX, {"tooltip": "What to raise: PRDP Reward nodes, chained."}),
             "prompts": _text("", "Training prompts, one per line; empty: the prompt set below.", multiline=True),
             "prompt_set": ([BUILTIN_PREFIX + name for name in builtin_prompt_sets()],
@@ -174,8 +177,10 @@ class PRDPTrainLoRA:
                 f"{k} {v}" for k, v in LOW_VRAM.items()) + " (an advanced setting changed on purpose wins)."}),
             "lora_name": _text("prdp_lora", "File name in models/loras (no folders); a file of that name is "
                                "replaced, the run folder keeps every run's own copy."),
-            "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue an interrupted run with these settings "
-                                   "(or reuse a finished one) instead of training again from the start."}),
+            "resume": ("BOOLEAN", {"default": True, "tooltip": "On: a run with these settings continues where it "
+                                   "stopped: an interrupted run resumes, a finished one is reused, or extended when "
+                                   "epochs is raised (the same LoRA as training that many epochs from the start). "
+                                   "Off: a new run."}),
         })
         return {"required": required, "optional": {"advanced": (SETTINGS, {"tooltip": "PRDP Advanced Settings."})}}
 
@@ -183,15 +188,14 @@ class PRDPTrainLoRA:
               advanced=None, **basic):
         stem = _lora_stem(lora_name)
         config = self.config(model, reward_mix, prompts, prompt_set, eval_prompts, low_vram, advanced or {}, basic)
-        run = matching_run(comfy_io.runs_folder(), config, ignore=("lora_name",)) if resume else None
-        if run is not None and run.epochs_done > config.epochs:
-            run = None  # trained past the epochs asked for now: a new run gives that LoRA
-        if run is not None and run.finished and run.epochs_done == config.epochs:
-            log.info(f"[PRDP] reusing the finished run {run.path} (same settings; turn resume off to train again)")
-            run_dir = run.path
+        done, unfinished = _runs_to_continue(config) if resume else (None, None)
+        if done is not None:
+            log.info(f"[PRDP] reusing the finished run {done.path} (same settings; turn resume off to train again)")
+            run_dir = done.path
         else:
-            run_dir = _run(config, run.path if run else None)
+            run_dir = _run(config, unfinished.path if unfinished else None)
         lora_path = _export_to_loras(run_dir, stem, "kohya", "fp16")
+        log.info(f"[PRDP] LoRA saved as {lora_path} (LoraLoader lists it as {lora_path.name} after a refresh)")
         from safetensors.torch import load_file
 
         grid, curve = run_dir / "previews" / "before_after.png", run_dir / "reward_curve.png"
@@ -207,6 +211,15 @@ class PRDPTrainLoRA:
         data["eval_prompts"] = _prompt_source(eval_prompts, runs)
         data.update(output_dir=str(runs), device=comfy_io.torch_device())
         return TrainConfig.from_dict(data, source="the node")
+
+
+def _runs_to_continue(config: TrainConfig) -> tuple[RunFolder | None, RunFolder | None]:
+    """Among the runs trained with these settings: a finished one of exactly these epochs (reused), else the one
+    furthest along that has not passed them (continued). A run past them cannot give this LoRA; a new run does."""
+    runs = [run for run in matching_runs(comfy_io.runs_folder(), config, ignore=("lora_name",))
+            if run.epochs_done <= config.epochs]
+    done = next((run for run in runs if run.finished and run.epochs_done == config.epochs), None)
+    return done, max(runs, key=lambda run: run.epochs_done, default=None)  # newest first: max keeps the newest
 
 
 def _prompt_source(text: str, folder: Path) -> str:
@@ -246,6 +259,8 @@ def _run(config: TrainConfig, resume_dir: Path | None) -> Path:
             break
     comfy_io.release_memory()
     if interrupted or state.status == "stopped":
+        log.info(f"[PRDP] stopped after epoch {state.epoch} of {state.epochs}; queue the prompt again with resume "
+                 f"on to continue from there")
         comfy_io.raise_interrupted()
     if state.status != "finished":
         raise PrdpError(state.error or "the run ended without finishing; see the log in its run folder.")
@@ -278,7 +293,8 @@ class PRDPScoreImages:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "images": ("IMAGE", {"tooltip": "The images to score."}),
+            "images": ("IMAGE", {"tooltip": "The images to score, one by one (e.g. from VAE Decode; not the "
+                                 "before/after grid, which is many images in one)."}),
             "reward_mix": (REWARD_MIX, {"tooltip": "PRDP Reward nodes, chained."}),
             "prompts": _text("", "The prompt of every image, or one per line, one line per image (prompt-aware "
                              "rewards such as pickscore and clip need it).", multiline=True),
@@ -325,10 +341,10 @@ class PRDPExportLoRA:
 
     @classmethod
     def INPUT_TYPES(cls):
-        runs = [run.path.name for run in list_runs(comfy_io.runs_folder())]
+        runs = [run.path.name for run in _trained_runs()]
         return {"required": {
-            "run": ([LATEST_RUN, *runs], {"default": LATEST_RUN, "tooltip": "A run folder in output/prdp; latest: "
-                                          "the newest."}),
+            "run": ([LATEST_RUN, *runs], {"default": LATEST_RUN, "tooltip": "A run folder in output/prdp that has "
+                                          "trained at least one epoch; latest: the newest of them."}),
             "lora_name": _text("prdp_lora", "File name in models/loras (no folders); a file of that name is "
                                "replaced."),
             "format": (list(FORMATS), {"default": "kohya", "tooltip": "kohya loads in ComfyUI, A1111/Forge and "
@@ -338,21 +354,30 @@ class PRDPExportLoRA:
 
     def export(self, run, lora_name, format, dtype):
         stem = _lora_stem(lora_name)
-        runs = list_runs(comfy_io.runs_folder())
+        runs = _trained_runs()
         if run == LATEST_RUN:
             if not runs:
-                raise ConfigError("there is no PRDP run in output/prdp yet; queue a PRDP Train LoRA node first.")
-            run_dir = runs[0].path
+                raise ConfigError("no PRDP run in output/prdp has trained an epoch yet; queue a PRDP Train LoRA node "
+                                  "first.")
+            chosen = runs[0]
         else:
-            run_dir = comfy_io.runs_folder() / run
-            if run_dir not in [r.path for r in runs]:
-                raise ConfigError(f"run {run!r} has no checkpoint in output/prdp any more; refresh the page and pick "
+            chosen = next((r for r in runs if r.path.name == run), None)
+            if chosen is None:
+                raise ConfigError(f"run {run!r} has no trained epoch in output/prdp; refresh the page and pick "
                                   f"another.")
-        path = _export_to_loras(run_dir, stem, format, dtype)
-        return {"ui": {"text": [f"{path.name} from {run_dir.name}"]}, "result": (path.name,)}
+        path = _export_to_loras(chosen.path, stem, format, dtype)
+        epochs = TrainConfig.load(chosen.path / "config.toml").epochs
+        done = f"{path.name} from run {chosen.path.name} ({chosen.epochs_done} of {epochs} epochs)"
+        log.info(f"[PRDP] exported {done} to {path.parent}")
+        return {"ui": {"text": [done]}, "result": (path.name,)}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _trained_runs() -> list[RunFolder]:
+    """The runs of output/prdp with at least one trained epoch (a LoRA worth exporting), newest first."""
+    return [run for run in list_runs(comfy_io.runs_folder()) if run.epochs_done > 0]
+
+
 def _lora_stem(name: str) -> str:
     stem = name.strip()
     if stem.lower().endswith(".safetensors"):
