@@ -7,14 +7,13 @@ names, defaults and help texts.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import threading
 from pathlib import Path
 
-from .config import LOW_VRAM, TrainConfig, config_fields, field_type
+from .config import LOW_VRAM, TrainConfig, config_fields, field_specs, field_type
 from .errors import ConfigError, PrdpError
 
 TRAIN_EPILOG = """examples:
@@ -83,27 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Preset for 8 GB GPUs: " + ", ".join(f"{k}={v}" for k, v in LOW_VRAM.items()) +
                        " (flags given beside it win).")
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in config_fields():
-        if f.name in _SPECIAL:
+    for spec in field_specs():
+        if spec.name in _SPECIAL:
             continue
-        group = groups.setdefault(f.metadata["group"], train.add_argument_group(f"{f.metadata['group']} options"))
-        flag = _RENAMED.get(f.name, "--" + f.name.replace("_", "-"))
-        kind = field_type(f.name)
-        extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+        group = groups.setdefault(spec.group, train.add_argument_group(f"{spec.group} options"))
+        flag = _RENAMED.get(spec.name, "--" + spec.name.replace("_", "-"))
+        kind = field_type(spec.name)
+        extra = {"choices": spec.choices} if spec.choices else {}
         if kind is bool:
-            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction,
-                               help=f"{f.metadata['help']} (default: {'on' if f.default else 'off'})")
+            group.add_argument(flag, dest=spec.name, default=argparse.SUPPRESS, action=argparse.BooleanOptionalAction,
+                               help=f"{spec.help} (default: {'on' if spec.default else 'off'})")
             continue
         if kind is list:
             extra["type"] = lambda text: [t.strip() for t in text.split(",") if t.strip()]
             metavar = "A,B,..."
         else:
             extra["type"] = kind
-            metavar = None if "choices" in f.metadata else {int: "N", float: "X", str: "TEXT"}[kind]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = ",".join(default) if isinstance(default, list) else default
-        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
-                           help=f"{f.metadata['help']} (default: {shown!s})".replace("%", "%%"), **extra)
+            metavar = None if spec.choices else {int: "N", float: "X", str: "TEXT"}[kind]
+        shown = ",".join(spec.default) if isinstance(spec.default, list) else spec.default
+        group.add_argument(flag, dest=spec.name, default=argparse.SUPPRESS, metavar=metavar,
+                           help=f"{spec.help} (default: {shown!s})".replace("%", "%%"), **extra)
     train.set_defaults(func=cmd_train)
 
     export = commands.add_parser("export", help="Export a run's LoRA in another format or precision.",

@@ -289,6 +289,7 @@ class FieldSpec:
     kind: str  # checkbox | dropdown | int | float | text | list | json
     label: str
     help: str
+    group: str
     default: Any
     choices: tuple = ()
     minimum: float | None = None  # inclusive
@@ -296,8 +297,10 @@ class FieldSpec:
     positive: bool = False  # greater than 0 (minimum is then 0)
 
 
-def field_specs(names: tuple[str, ...]) -> list[FieldSpec]:
+def field_specs(names: tuple[str, ...] | None = None) -> list[FieldSpec]:
+    """The named fields (all, in declaration order, without names) as faces present them."""
     fields = {f.name: f for f in config_fields()}
+    names = tuple(fields) if names is None else names
     specs = []
     for name in names:
         f = fields[name]
@@ -308,7 +311,7 @@ def field_specs(names: tuple[str, ...]) -> list[FieldSpec]:
             widget = {bool: "checkbox", int: "int", float: "float", list: "list", dict: "json"}.get(kind, "text")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         minimum = 0 if meta["positive"] else meta.get("minimum")
-        specs.append(FieldSpec(name, widget, name.replace("_", " "), meta["help"], default,
+        specs.append(FieldSpec(name, widget, name.replace("_", " "), meta["help"], meta["group"], default,
                                tuple(meta.get("choices", ())), minimum, meta.get("maximum"), meta["positive"]))
     return specs
 

@@ -164,25 +164,25 @@ class RunSession:
 @dataclass(frozen=True)
 class RunFolder:
     path: Path
+    config: TrainConfig  # as the run saved it
     epochs_done: int  # of the latest checkpoint
     finished: bool  # trained, evaluated and exported all the epochs its config asks for
 
 
 def list_runs(folder: str | Path) -> list[RunFolder]:
-    """The run folders in `folder` that have a checkpoint, newest first."""
+    """The run folders in `folder` that have a readable config and a checkpoint, newest first."""
     from . import checkpoints
     from .trainer import SUMMARY_FILE
 
     runs = []
     for path in Path(folder).iterdir() if Path(folder).is_dir() else ():
         latest = checkpoints.latest_checkpoint(path)
-        if latest is None:
+        config = _read_config(path) if latest is not None else None
+        if config is None:
             continue
         done = checkpoints.checkpoint_epoch(latest)
-        summary = _read_json(path / SUMMARY_FILE)
-        config = _read_config(path)
-        finished = summary.get("epochs") == done and config is not None and config.epochs == done
-        runs.append(RunFolder(path, done, finished))
+        finished = _read_json(path / SUMMARY_FILE).get("epochs") == done == config.epochs
+        runs.append(RunFolder(path, config, done, finished))
     return sorted(runs, key=lambda run: run.path.stat().st_mtime_ns, reverse=True)
 
 
@@ -195,7 +195,7 @@ def matching_runs(folder: str | Path, config: TrainConfig, ignore: tuple[str, ..
         return {k: v for k, v in c.to_dict().items() if k not in (*RESUMABLE, *ignore, "run_name", "output_dir")}
 
     wanted = identity(config)
-    return [run for run in list_runs(folder) if (saved := _read_config(run.path)) and identity(saved) == wanted]
+    return [run for run in list_runs(folder) if identity(run.config) == wanted]
 
 
 def _read_config(run_dir: Path) -> TrainConfig | None:

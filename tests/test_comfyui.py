@@ -34,8 +34,8 @@ def comfy(tmp_path_factory):
     base = tmp_path_factory.mktemp("ComfyUI")
     for folder in ("models/checkpoints", "models/loras", "output"):
         (base / folder).mkdir(parents=True)
-    before = set(sys.modules)
     sys.path.insert(0, str(DOUBLE))
+    name = str(ROOT).replace(".", "_x_")
     try:
         import comfy.model_management as mm
         import comfy.utils as utils
@@ -43,7 +43,6 @@ def comfy(tmp_path_factory):
 
         folder_paths.set_base_path(str(base))
         # ComfyUI's load_custom_node: the folder's __init__.py under a module name made from its path
-        name = str(ROOT).replace(".", "_x_")
         spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py")
         pack = importlib.util.module_from_spec(spec)
         sys.modules[name] = pack
@@ -52,8 +51,9 @@ def comfy(tmp_path_factory):
                                  "base": base, "folder_paths": folder_paths, "utils": utils, "mm": mm})
     finally:
         sys.path.remove(str(DOUBLE))
-        for module in set(sys.modules) - before:
-            del sys.modules[module]
+        for module in list(sys.modules):  # the double and the pack; the libraries they loaded stay, as in any process
+            if module.split(".")[0] in ("folder_paths", "comfy", name):
+                del sys.modules[module]
 
 
 def run_node(cls, **inputs):

@@ -20,6 +20,7 @@ from prdp_core.config import (BASIC_FIELDS, LOW_VRAM, FieldSpec, TrainConfig, ch
 from prdp_core.errors import ConfigError, PrdpError
 from prdp_core.export import EXPORT_DTYPES, FORMATS, export_lora
 from prdp_core.models import BUILTIN_MODELS
+from prdp_core.plots import image_grid
 from prdp_core.prompts import BUILTIN_PREFIX, builtin_prompt_sets, save_typed_prompts
 from prdp_core.rewards import RewardMix, create_reward, reward_names
 from prdp_core.session import RunFolder, RunSession, Snapshot, list_runs, matching_runs
@@ -268,15 +269,9 @@ def _run(config: TrainConfig, resume_dir: Path | None) -> Path:
 
 
 def _samples_preview(state: Snapshot) -> Image.Image | None:
-    """The latest epoch's samples side by side, for the node's live preview."""
+    """The latest epoch's samples in a row, for the node's live preview."""
     images = [image for image, _ in state.samples[:8]]
-    if not images:
-        return None
-    width, height = images[0].size
-    strip = Image.new("RGB", (width * len(images), height))
-    for i, image in enumerate(images):
-        strip.paste(image.convert("RGB"), (i * width, 0))
-    return strip
+    return image_grid([images], cell=images[0].width) if images else None
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -366,8 +361,7 @@ class PRDPExportLoRA:
                 raise ConfigError(f"run {run!r} has no trained epoch in output/prdp; refresh the page and pick "
                                   f"another.")
         path = _export_to_loras(chosen.path, stem, format, dtype)
-        epochs = TrainConfig.load(chosen.path / "config.toml").epochs
-        done = f"{path.name} from run {chosen.path.name} ({chosen.epochs_done} of {epochs} epochs)"
+        done = f"{path.name} from run {chosen.path.name} ({chosen.epochs_done} of {chosen.config.epochs} epochs)"
         log.info(f"[PRDP] exported {done} to {path.parent}")
         return {"ui": {"text": [done]}, "result": (path.name,)}
 
