@@ -14,7 +14,7 @@ backward, the trainer's exact-gradient chunk). Resident throughout: the model on
 gradient and AdamW state, the epoch's trajectories. Not counted: reward models, CUDA/cuDNN workspaces, allocator
 rounding.
 
-Checked against bench_epoch.py's measurements on an H100 (README "Real sizes on a GPU", made before the LoRA computed
+Checked against bench_epoch.py's measurements on an H100 (docs/benchmarks.md "Real sizes on a GPU", made before the LoRA computed
 in fp16): with that code the estimates were at most 0.15 GiB low for optimization (SD1.5 512 px micro-batch 8 with
 checkpointing 8.29 vs 8.4 measured, micro-batch 4 without 12.80 vs 12.9, micro-batch 8 without 23.41 vs 23.5; SDXL
 1024 px micro-batch 2 with checkpointing 10.16 vs 10.3), at most 0.25 GiB low for sampling (4.25 vs 4.3, 3.23 vs

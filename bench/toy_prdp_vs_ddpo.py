@@ -6,7 +6,7 @@ held-out ones of builtin:toy_unseen) with only --objective changed; override any
 KEY=VALUE. Prints JSON, then Markdown tables.
 
     python bench/toy_prdp_vs_ddpo.py --seeds 0 1 2
-    # the README's table: 4x the evaluation (512 images per split), about 9 minutes per run on 2 cores
+    # the table in docs/toy-world.md: 4x the evaluation (512 images per split), about 9 minutes per run on 2 cores
     python bench/toy_prdp_vs_ddpo.py --seeds 0 1 2 --set eval_max_prompts=32 --set eval_images_per_prompt=16
 """
 

@@ -81,14 +81,14 @@ def test_training_report_states_the_shipped_quality():
         assert 0.5 <= report[f"{split}_T50"]["both"] < 0.95  # recognisable, with room to improve
 
 
-SECONDS_PER_IMAGE_STEP = 0.006  # README: 64 images x 6 DDIM steps (guidance on) + decode in ~2.3 s on 2 cores
+SECONDS_PER_IMAGE_STEP = 0.006  # docs/toy-world.md: 64 images x 6 DDIM steps (guidance on) + decode in ~2.3 s on 2 cores
 
 
 @pytest.mark.slow
 def test_draws_the_prompted_colour_and_shape_on_unseen_prompts():
     """32 held-out captions x 2 fixed seeds, 50 DDIM steps: the classifier must read the prompted colour and shape
     on at least half of the images (the issue's bar; the shipped figures are in training_report.json), at the
-    README's speed order (within 10x: CI machines differ)."""
+    speed order of docs/toy-world.md (within 10x: CI machines differ)."""
     pipe = load_pipeline("builtin:toy")
     start = time.perf_counter()
     accuracy = alignment_accuracy(pipe, evaluation_prompts("unseen", 32, seed=3), 2, 50, guidance_scale=5.0, seed=5)

@@ -5,7 +5,7 @@ tokenizer, conditional UNet, DDIM scheduler) on the toy world's training split, 
 
 writes a diffusers folder that `StableDiffusionPipeline.from_pretrained` loads, and prints how often the model
 draws the prompted colour and shape (judged by the shipped attribute classifier) on seen and unseen prompts.
-The shipped weights were made by this command with its defaults; its wall time is in the README.
+The shipped weights were made by this command with its defaults; its wall time is in docs/toy-world.md.
 """
 
 from __future__ import annotations
