@@ -99,6 +99,14 @@ class LoraWeights:
                    ModelInfo(**json.loads(meta["prdp_model"])), training)
 
 
+def run_thumbnail(run_dir: str | os.PathLike):
+    """The run's own card thumbnail (its latest training sample, `<run>/*.preview.png`) as a PIL image, or None."""
+    from PIL import Image
+
+    thumbnail = next(iter(sorted(Path(run_dir).glob("*.preview.png"))), None)
+    return Image.open(thumbnail) if thumbnail else None
+
+
 def export_lora(source, path: str | os.PathLike, format: str = "kohya", dtype: str = "fp16",
                 name: str | None = None, *, sidecar: bool = False, preview=None) -> Path:
     """Write `source` (LoraWeights, a run folder or a checkpoint adapter file) as a single .safetensors file.
@@ -307,19 +315,18 @@ def kohya_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 
 # -------------------------------------------------------------------------------------------------- diffusers
 def _save_diffusers(weights: LoraWeights, path: Path, dtype: torch.dtype) -> None:
-    """diffusers' own writer (keys `unet.<path>.lora_A.weight`, LoraConfig in `lora_adapter_metadata`), so the
-    alpha survives a `load_lora_weights`."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from peft import LoraConfig
+    """diffusers' own writer (keys `unet.<path>.lora_A.weight`), with the LoRA scale alpha / rank folded into lora_B.
 
-    config = LoraConfig(r=weights.rank, lora_alpha=weights.alpha, target_modules=list(weights.targets)).to_dict()
-    config["target_modules"] = sorted(config["target_modules"])
-    layers = {k: v.to(dtype).contiguous() for k, v in weights.state_dict.items()}
+    Such a file carries no alpha: diffusers before 0.34 cannot store or read one and loads it as alpha = rank (scale
+    1), as later releases do for a file without adapter metadata. Folded, every release loads the trained strength."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scale = weights.alpha / weights.rank
+    layers = {k: (v * scale if ".lora_B." in k else v).to(dtype).contiguous() for k, v in weights.state_dict.items()}
     folder = tempfile.mkdtemp(prefix=".prdp-export-", dir=path.parent)
     try:
         pipeline = StableDiffusionXLPipeline if weights.model.arch == "sdxl" else StableDiffusionPipeline
-        pipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=path.name,
-                                   unet_lora_adapter_metadata=config)
+        pipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=path.name)
         os.replace(Path(folder) / path.name, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -140,6 +140,9 @@ def apply_memory_options(pipe, gradient_checkpointing: bool = False, vae_tiling:
         pipe.vae.enable_tiling()
     if gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+        # diffusers 0.31 (Forge's pin) checkpoints in training mode only; the UNet's outputs do not depend on the mode
+        # (dropout 0, group norm)
+        pipe.unet.train()
     if offload_text_encoders:
         # Prompts are encoded once per run (Sampler's text cache), so the encoders can wait on the CPU.
         for name in ("text_encoder", "text_encoder_2"):

@@ -341,6 +341,8 @@ def _check_unet(shapes: Shapes, family: str, name: str) -> None:
     in_shape = shapes.get(UNET_IN)
     if in_shape is None or len(in_shape) != 4:
         raise ModelLoadError(f"{name} has no UNet weights under {UNET_PREFIX}; {SUPPORTED}.")
+    if in_shape[1] == 8:  # diffusers before 0.33 does not tell InstructPix2Pix from SD1
+        raise ModelLoadError(f"{name} is an InstructPix2Pix checkpoint (a UNet with 8 input channels); {SUPPORTED}.")
     if in_shape[1] != 4:
         raise ModelLoadError(f"{name} is a UNet with {in_shape[1]} input channels (inpainting or another "
                              f"image-conditioned variant); {SUPPORTED}.")

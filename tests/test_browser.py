@@ -176,6 +176,6 @@ def _assert_loads_in_diffusers(path: Path) -> None:
     text = torch.randn(1, 8, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         without = unet(latents, 500, text).sample
-        pipe.load_lora_weights(str(path))
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
         with_lora = unet(latents, 500, text).sample
     assert (with_lora - without).abs().max() > 1e-4  # the trained LoRA is in the file and changes the UNet

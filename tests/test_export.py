@@ -45,7 +45,7 @@ def test_exported_lora_reproduces_adapter_in_diffusers(adapted, tmp_path, fmt):
     path = export_lora(weights, tmp_path / "wolf.safetensors", format=fmt)
     fresh = build_tiny_pipeline()
     base = _images(fresh)
-    fresh.load_lora_weights(str(path))
+    fresh.load_lora_weights(str(path.parent), weight_name=path.name)
     reloaded = _images(fresh)
     assert (base - expected).abs().max().item() > 0.05  # the adapter changes the images: the check can fail
     assert (reloaded - expected).abs().max().item() < 1e-3

@@ -8,9 +8,11 @@ library/sdxl_model_util.py `make_unet_conversion_map` (transcribed below as the 
 
 import re
 
+import diffusers
 import numpy as np
 import pytest
 import torch
+from packaging import version
 from safetensors import safe_open
 
 from prdp_core.config import KOHYA_UNET_TARGETS
@@ -110,7 +112,7 @@ def test_sdxl_export_reloads_exactly_in_diffusers(adapted_xl, tmp_path, fmt):
     fresh = build_tiny_xl_pipeline()
     base_eps = _eps(fresh)
     base_images = _images(fresh) if fmt == "kohya" else None  # the whole pipeline once: a CPU-minute matters
-    fresh.load_lora_weights(str(path))
+    fresh.load_lora_weights(str(path.parent), weight_name=path.name)
     assert (base_eps - eps).abs().max().item() > 1e-2  # the adapter matters: the comparison can fail
     assert (_eps(fresh) - eps).abs().max().item() < 1e-5
     if base_images is not None:
@@ -188,6 +190,9 @@ def test_every_sdxl_unet_weight_maps_like_kohya(sdxl_unet):
         assert f"{sgm_module_path(module, 2)}.{param}" == kohya_convert(key, conversion), key
 
 
+@pytest.mark.skipif(version.parse(diffusers.__version__) < version.parse("0.33"),
+                    reason="diffusers 0.31 and 0.32 map SGM names inside the transformer blocks only (the default "
+                           "targets, reloaded exactly by the tests above), not the resnets this test also names")
 def test_diffusers_loader_maps_our_sgm_names_back(sdxl_unet):
     """diffusers' kohya/SGM loader turns every exported name back into the module it came from (all Linear and
     Conv2d modules of the real SDXL UNet), alphas included."""
@@ -281,6 +286,6 @@ def test_trained_lora_reloads_in_diffusers_as_the_run_left_it(tmp_path, tiny_con
     trained = _images(trainer.pipe)
     fresh = load_pipeline(str(folder))
     base = _images(fresh)
-    fresh.load_lora_weights(str(lora))
+    fresh.load_lora_weights(str(lora.parent), weight_name=lora.name)
     assert np.abs(_images(fresh) - trained).max() < 1e-3
     assert np.abs(trained - base).max() > 1e-2  # the run moved the model, so the comparison can fail
