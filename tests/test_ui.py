@@ -1,6 +1,8 @@
 """The Gradio tab: the form <-> config mapping, the callbacks (run, stop, resume, export, config files) driven as the
 tab drives them, and the Blocks wiring under the installed Gradio."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -74,10 +76,11 @@ def test_run_poll_export_and_reload_in_diffusers(tab, tiny_config):
 
     assert tab.export("../escape", "kohya", "fp16")[0].startswith("Not exported: LoRA name")
     message, path = tab.export("my_lora", "kohya", "fp16")
-    assert message == f"Saved {path}." and path == str(tab.context.lora_dir / "my_lora.safetensors")
+    assert message == f"Saved {path}; in a prompt of A1111 or Forge it is `<lora:my_lora:1>`."
+    assert path == str(tab.context.lora_dir / "my_lora.safetensors")
     pipe = load_pipeline("builtin:tiny")
     before = pipe.unet.conv_out.weight.sum().item()
-    pipe.load_lora_weights(path)
+    pipe.load_lora_weights(str(Path(path).parent), weight_name=Path(path).name)
     latents, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
     with torch.no_grad():
         with_lora = pipe.unet(latents, 500, text).sample

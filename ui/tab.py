@@ -13,7 +13,7 @@ from typing import Callable, ContextManager
 
 from prdp_core.config import TrainConfig, check_file_name, field_specs, to_widget
 from prdp_core.errors import PrdpError
-from prdp_core.export import export_lora
+from prdp_core.export import export_lora, run_thumbnail
 from prdp_core.plots import line_plot
 from prdp_core.prompts import builtin_prompt_sets
 from prdp_core.rewards import reward_names
@@ -34,7 +34,9 @@ class HostContext:
     lora_dir: Path = Path("loras")
     output_dir: Path = Path("runs")
     device: str = "auto"
-    gpu_lock: Callable[[], ContextManager] = contextlib.nullcontext  # A1111: its queue_lock
+    gpu_lock: Callable[[], ContextManager] = contextlib.nullcontext  # A1111: its queue_lock, its model moved away
+    defaults: dict = field(default_factory=dict)  # config fields the form starts with instead of TrainConfig's
+    after_export: Callable[[Path], None] = lambda path: None  # A1111: refresh its Lora list
 
 
 class TabState:
@@ -93,10 +95,12 @@ class TabState:
         try:
             check_file_name(name, "LoRA name")
             self.context.lora_dir.mkdir(parents=True, exist_ok=True)
-            path = export_lora(state.run_dir, self.context.lora_dir / f"{Path(name).stem}.safetensors", fmt, dtype)
+            path = export_lora(state.run_dir, self.context.lora_dir / f"{Path(name).stem}.safetensors", fmt, dtype,
+                               sidecar=True, preview=run_thumbnail(state.run_dir))  # A1111's card files
         except PrdpError as exc:
             return f"Not exported: {exc}", None
-        return f"Saved {path}.", str(path)
+        self.context.after_export(path)
+        return f"Saved {path}; in a prompt of A1111 or Forge it is `<lora:{path.stem}:1>`.", str(path)
 
     def save_config(self, values: list, weights: list, builtin: str, text: str, upload) -> tuple[str, str | None]:
         try:
@@ -160,7 +164,7 @@ def build_tab(context: HostContext | None = None):
 
     state = TabState(context or HostContext())
     ctx = state.context
-    defaults = TrainConfig()
+    defaults = TrainConfig.from_dict({**TrainConfig().to_dict(), **ctx.defaults})
     widgets = {}
 
     def widget(spec):

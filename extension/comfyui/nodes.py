@@ -18,7 +18,7 @@ from PIL import Image
 from prdp_core.config import (BASIC_FIELDS, LOW_VRAM, FieldSpec, TrainConfig, check_file_name, config_fields,
                               field_specs, from_widget, to_widget)
 from prdp_core.errors import ConfigError, PrdpError
-from prdp_core.export import EXPORT_DTYPES, FORMATS, export_lora
+from prdp_core.export import EXPORT_DTYPES, FORMATS, export_lora, run_thumbnail
 from prdp_core.models import BUILTIN_MODELS
 from prdp_core.plots import image_grid
 from prdp_core.prompts import BUILTIN_PREFIX, builtin_prompt_sets, save_typed_prompts
@@ -382,10 +382,8 @@ def _lora_stem(name: str) -> str:
 def _export_to_loras(run_dir: Path, stem: str, format: str, dtype: str) -> Path:
     """The run's latest checkpoint as models/loras/<stem>.safetensors (atomic), with A1111's card files, whose
     thumbnail is the run's own (its latest training sample)."""
-    thumbnail = next(iter(sorted(run_dir.glob("*.preview.png"))), None)
-    preview = Image.open(thumbnail) if thumbnail else None
     return export_lora(run_dir, comfy_io.loras_folder() / f"{stem}.safetensors", format, dtype, sidecar=True,
-                       preview=preview)
+                       preview=run_thumbnail(run_dir))
 
 
 def _pil_image(image: torch.Tensor) -> Image.Image:

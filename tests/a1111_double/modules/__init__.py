@@ -1,0 +1,1 @@
+"""Test double of the webui's `modules` package (see ../README.md)."""
