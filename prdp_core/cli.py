@@ -7,6 +7,7 @@ names, defaults and help texts.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -387,6 +388,12 @@ def cmd_sample(args) -> int:
         lora = Path(args.lora)
         if not lora.is_file():
             raise ConfigError(f"LoRA file {lora} does not exist.")
+        from diffusers.utils import USE_PEFT_BACKEND
+
+        if not USE_PEFT_BACKEND:
+            raise PrdpError(f"--lora needs diffusers' PEFT backend, which needs transformers 4.34 or later (this "
+                            f"environment has {importlib.metadata.version('transformers')}, pinned by A1111 1.10); "
+                            f"compare with the LoRA in the webui itself, or run prdp sample in another environment.")
         try:
             # folder + weight_name: diffusers before the fix of its issue 14195 refuses a bare file path offline
             pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="prdp")

@@ -6,10 +6,17 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from diffusers.utils import USE_PEFT_BACKEND as DIFFUSERS_LOADS_LORAS  # noqa: E402
 
 from prdp_core import TrainConfig  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+# diffusers' load_lora_weights needs its PEFT backend, which needs transformers 4.34 or later; A1111 1.10 pins 4.30.2
+# (the webui loads LoRAs with its own code), so the checks through diffusers' loader do not run in that environment
+needs_diffusers_lora_loading = pytest.mark.skipif(
+    not DIFFUSERS_LOADS_LORAS, reason="diffusers' LoRA loading needs transformers 4.34+ (A1111 1.10 pins 4.30.2)")
 
 
 @pytest.fixture

@@ -96,18 +96,26 @@ def test_settings_set_the_forms_starting_values(webui):
 def test_a_run_holds_the_queue_lock_with_the_host_model_moved_away_and_back(webui, tiny_config):
     from modules import call_queue
 
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
     _, state = tab_state(webui)
+    app = FastAPI()
+    webui.callbacks.app_started_callback(None, app)
+    status = TestClient(app)  # what javascript/prdp_lora.js asks while a generation waits in the queue
     webui.devices.device = "cuda"  # where the webui's model lives and returns to
     model = webui.sd_models.model_data.sd_model = HostModel(call_queue.queue_lock)
+    assert status.get("/prdp-lora/status").json() == {"running": False}
     state.session.start(tiny_config)
-    held = []
+    held, reported = [], status.get("/prdp-lora/status").json()
     while state.session.running:
         held.append(call_queue.queue_lock.locked())
         time.sleep(0.05)
-    assert state.session.snapshot().status == "finished"
+    assert state.session.snapshot().status == "finished" and reported == {"running": True}
     assert len(held) > 3 and all(held[1:])  # the first look may come before the training thread took the lock
     assert model.moves == [("cpu", True), ("cuda", True)]  # off the GPU, then back, both under the lock
     assert not call_queue.queue_lock.locked()  # the webui's generations run again
+    assert status.get("/prdp-lora/status").json() == {"running": False}
 
 
 def test_a_failed_run_still_gives_the_gpu_back(webui, tiny_config):

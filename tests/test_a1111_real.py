@@ -27,6 +27,7 @@ HOSTS = {
     "forge": ["--always-cpu"],
     "a1111": ["--use-cpu", "all", "--no-half", "--precision", "full"],
 }
+EPOCHS = 4  # about 6 s each here: time to queue a generation while the run holds the lock
 COMMON_FLAGS = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--no-download-sd-model", "--api"]
 SET_UP = [host for host in HOSTS if os.environ.get(f"{host.upper()}_DIR")]
 pytestmark = pytest.mark.skipif(not SET_UP, reason="set FORGE_DIR / A1111_DIR (and *_PYTHON) to run a real webui")
@@ -124,7 +125,7 @@ def test_toy_run_export_and_lora_card_in_the_webui(webui, browser):
     status, message = page.locator("#prdp_status").last, page.locator("#prdp_message").last
     expect(status).to_contain_text("No run yet", timeout=60_000)
     # the webui's folders, not the standalone defaults
-    for field, value in [("epochs", 2), ("prompts_per_epoch", 2), ("images_per_prompt", 2), ("num_steps", 6)]:
+    for field, value in [("epochs", EPOCHS), ("prompts_per_epoch", 2), ("images_per_prompt", 2), ("num_steps", 6)]:
         _set_field(page, field, value)
     page.get_by_text("advanced", exact=True).click()
     _set_field(page, "eval_max_prompts", 2)
@@ -135,7 +136,14 @@ def test_toy_run_export_and_lora_card_in_the_webui(webui, browser):
     expect(status).to_contain_text("running", timeout=60_000)
     returned = {}
     waiting = _txt2img_while_training(url, returned)
-    expect(status).to_contain_text("finished - epoch 2/2", timeout=600_000)
+    # the webui's own Generate waits in its queue too, and says what for
+    page.get_by_role("tab", name="Txt2img").or_(page.get_by_role("button", name="txt2img", exact=True)).first.click()
+    page.locator("#txt2img_generate").click()
+    queued = page.locator(".progressDiv .progress").first
+    expect(queued).to_contain_text("waiting for the PRDP LoRA training run", timeout=60_000)
+    page.screenshot(path=str(shots / f"{name}_generation_waits.png"))
+    page.get_by_role("tab", name="PRDP LoRA").or_(page.get_by_role("button", name="PRDP LoRA", exact=True)).click()
+    expect(status).to_contain_text(f"finished - epoch {EPOCHS}/{EPOCHS}", timeout=600_000)
     finished_at = time.monotonic()
     waiting.join(300)
     assert returned["at"] >= finished_at - 2.0, "a txt2img request ran while the PRDP run held the GPU"
@@ -150,7 +158,7 @@ def test_toy_run_export_and_lora_card_in_the_webui(webui, browser):
     page.screenshot(path=str(shots / f"{name}_prdp_tab.png"), full_page=True)
 
     # the webui's Lora tab lists the new LoRA after its refresh, with the card's thumbnail
-    page.get_by_role("tab", name="txt2img").or_(page.get_by_role("button", name="txt2img", exact=True)).first.click()
+    page.get_by_role("tab", name="Txt2img").or_(page.get_by_role("button", name="txt2img", exact=True)).first.click()
     page.locator("#txt2img_extra_tabs").get_by_role("tab", name="Lora").click()
     page.locator("#txt2img_lora_extra_refresh").first.click()  # the webui's script moves it into the tab bar
     card = page.locator("#txt2img_lora_cards .card[data-name='webui_lora']")

@@ -2,10 +2,10 @@
 short toy run (start, watch the curve and gallery, stop, resume, export) and the exported file loads in diffusers.
 
 Needs the system chromium (`apt-get install chromium`) and the `playwright` package; never downloads a browser.
-Skipped without them, except where PRDP_REQUIRE_BROWSER=1 (CI) makes a missing browser a failure. Host Gradio
-worlds: PRDP_GRADIO_PYTHONS="/venv-a1111/bin/python /venv-forge/bin/python" runs the same test with each of those
-interpreters serving the tab the way A1111/Forge mount it, as a tab of the host's own Blocks (each venv needs
-prdp-lora installed, see .ci/run)."""
+Skipped without them, except where PRDP_REQUIRE_BROWSER=1 (CI) makes a missing browser a failure. Host
+worlds: PRDP_HOST_PYTHONS="/.venv-a1111/bin/python /.venv-forge/bin/python" runs the same test with each of those
+interpreters serving the tab the way A1111/Forge mount it, as a tab of the host's own Blocks (each venv holds that
+webui's pinned libraries and prdp-lora, see .ci/run)."""
 
 import os
 import re
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 CHROMIUM = os.environ.get("PRDP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-PYTHONS = [sys.executable, *os.environ.get("PRDP_GRADIO_PYTHONS", "").split()]
+PYTHONS = [sys.executable, *os.environ.get("PRDP_HOST_PYTHONS", "").split()]
 EPOCHS = 6  # about 2 s each here: room to stop after the first and still have epochs left to resume
 HOST_TAB = "PRDP"
 # How A1111 and Forge show an extension's tab (modules/ui.py): its Blocks rendered inside a TabItem of their own.

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import needs_diffusers_lora_loading
 from prdp_core.config import KOHYA_UNET_TARGETS
 from prdp_core.errors import ExportError
 from prdp_core.export import A1111_JSON_KEYS, LoraWeights, export_lora, kohya_name
@@ -39,6 +40,7 @@ def adapted():
     return pipe, weights, _images(pipe)
 
 
+@needs_diffusers_lora_loading
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_exported_lora_reproduces_adapter_in_diffusers(adapted, tmp_path, fmt):
     _, weights, expected = adapted

@@ -15,6 +15,7 @@ import torch
 from packaging import version
 from safetensors import safe_open
 
+from conftest import needs_diffusers_lora_loading
 from prdp_core.config import KOHYA_UNET_TARGETS
 from prdp_core.errors import ExportError
 from prdp_core.export import (LoraWeights, a1111_user_metadata, export_lora, kohya_name, kohya_state_dict,
@@ -104,6 +105,7 @@ def adapted_xl():
     return pipe, weights, _eps(pipe), _images(pipe)
 
 
+@needs_diffusers_lora_loading
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_sdxl_export_reloads_exactly_in_diffusers(adapted_xl, tmp_path, fmt):
     _, weights, eps, images = adapted_xl
@@ -267,6 +269,7 @@ def test_a1111_detects_each_architecture(adapted_xl):
 
 
 # ------------------------------------------------------------------------------------ train -> export -> diffusers
+@needs_diffusers_lora_loading
 @pytest.mark.parametrize("build,version,prediction", [(build_tiny_sd2_pipeline, "SD2", "v"),
                                                       (build_tiny_xl_pipeline, "SDXL", "epsilon")])
 def test_trained_lora_reloads_in_diffusers_as_the_run_left_it(tmp_path, tiny_config, build, version, prediction):

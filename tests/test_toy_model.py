@@ -50,7 +50,7 @@ def test_text_encoder_file_is_read_by_transformers_4_as_well(tmp_path):
     torch.manual_seed(0)
     model = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
                                          num_hidden_layers=1, vocab_size=99, max_position_embeddings=16)).eval()
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, safe_serialization=True)  # the default of transformers 4.35 on
     make_text_encoder_portable(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as written:
         assert all(key.startswith("text_model.") for key in written.keys())

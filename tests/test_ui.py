@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import needs_diffusers_lora_loading
 from prdp_core.config import TrainConfig
 from prdp_core.errors import ConfigError
 from prdp_ui.form import FIELDS, OWN_WIDGETS, config_to_form, from_widget, prompt_source
@@ -62,6 +63,7 @@ def test_bad_form_is_a_message_not_an_exception(tab, tiny_config):
     assert tab.export("x", "kohya", "fp16") == ("Export needs a finished or stopped run.", None)
 
 
+@needs_diffusers_lora_loading
 def test_run_poll_export_and_reload_in_diffusers(tab, tiny_config):
     from prdp_core.models import load_pipeline
 

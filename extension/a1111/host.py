@@ -123,6 +123,9 @@ def add_settings() -> None:
         shared.opts.add_option(key, info.needs_reload_ui())
 
 
+_tabs = []  # the tab's state as last built (the webui rebuilds its UI on Reload UI)
+
+
 def ui_tabs() -> list:
     try:
         import_tab()
@@ -132,6 +135,7 @@ def ui_tabs() -> list:
         from prdp_ui import build_tab
 
         blocks = build_tab(host_context())
+        _tabs[:] = [blocks.prdp_state]
     except Exception as exc:  # the webui must keep starting: the tab says what is wrong instead
         log.warning("PRDP tab unavailable", exc_info=True)
         blocks = message_tab(dependency_message(exc))
@@ -154,6 +158,16 @@ def message_tab(text: str):
     return blocks
 
 
+def run_status() -> dict:
+    """GET /prdp-lora/status, for javascript/prdp_lora.js: whether a PRDP run holds the webui's queue lock."""
+    return {"running": any(state.session.running for state in _tabs)}
+
+
+def add_routes(demo, app) -> None:
+    app.add_api_route("/prdp-lora/status", run_status, methods=["GET"])
+
+
 def register() -> None:
     script_callbacks.on_ui_settings(add_settings)
     script_callbacks.on_ui_tabs(ui_tabs)
+    script_callbacks.on_app_started(add_routes)

@@ -226,6 +226,9 @@ def build_from_weights(make_model: Callable[[], torch.nn.Module], weights: dict[
     with torch.device("meta"):
         model = make_model()
     expected = model.state_dict()  # meta tensors: shapes only
+    for key in expected.keys() - weights.keys():  # transformers before 4.31 keeps this arange in the state dict
+        if key.endswith("embeddings.position_ids"):
+            weights = {**weights, key: torch.arange(expected[key].shape[-1]).expand(expected[key].shape)}
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     if missing:
         raise RewardError(f"{source} lacks weights for {missing[0]} ({len(missing)} missing); it is not the "

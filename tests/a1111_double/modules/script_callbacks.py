@@ -1,6 +1,6 @@
-"""Double of modules/script_callbacks.py: the two registration hooks the extension uses, and the webui's calls."""
+"""Double of modules/script_callbacks.py: the registration hooks the extension uses, and the webui's calls."""
 
-callbacks_ui_tabs, callbacks_ui_settings = [], []
+callbacks_ui_tabs, callbacks_ui_settings, callbacks_app_started = [], [], []
 
 
 def on_ui_tabs(callback, *, name=None):
@@ -9,6 +9,15 @@ def on_ui_tabs(callback, *, name=None):
 
 def on_ui_settings(callback, *, name=None):
     callbacks_ui_settings.append(callback)
+
+
+def on_app_started(callback, *, name=None):
+    callbacks_app_started.append(callback)
+
+
+def app_started_callback(demo, app):
+    for callback in callbacks_app_started:
+        callback(demo, app)
 
 
 def ui_tabs_callback():
@@ -24,3 +33,4 @@ def ui_settings_callback():
 def clear_callbacks():
     callbacks_ui_tabs.clear()
     callbacks_ui_settings.clear()
+    callbacks_app_started.clear()
