@@ -116,6 +116,8 @@ def test_a_run_holds_the_queue_lock_with_the_host_model_moved_away_and_back(webu
     assert model.moves == [("cpu", True), ("cuda", True)]  # off the GPU, then back, both under the lock
     assert not call_queue.queue_lock.locked()  # the webui's generations run again
     assert status.get("/prdp-lora/status").json() == {"running": False}
+    _, rebuilt = tab_state(webui)  # Reload UI: the new tab shows the same session, and its finished run
+    assert rebuilt.session is state.session and rebuilt.poll()[0].startswith("**finished**")
 
 
 def test_a_failed_run_still_gives_the_gpu_back(webui, tiny_config):

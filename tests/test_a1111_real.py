@@ -10,7 +10,6 @@ the screenshots. Takes about 2 minutes per webui here; not part of CI, which can
 
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -19,6 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tab_driver import click_tab, free_port, set_field, start_short_toy_run, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("PRDP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -31,12 +32,6 @@ EPOCHS = 4  # about 6 s each here: time to queue a generation while the run hold
 COMMON_FLAGS = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--no-download-sd-model", "--api"]
 SET_UP = [host for host in HOSTS if os.environ.get(f"{host.upper()}_DIR")]
 pytestmark = pytest.mark.skipif(not SET_UP, reason="set FORGE_DIR / A1111_DIR (and *_PYTHON) to run a real webui")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=SET_UP)
@@ -57,7 +52,7 @@ def webui(request, tmp_path_factory):
     print(f"install.py ({installed.returncode}):", installed.stdout, installed.stderr)
     assert installed.returncode == 0 and "Traceback" not in installed.stderr
 
-    port, log = _free_port(), data / "server.log"
+    port, log = free_port(), data / "server.log"
     # a data folder of its own; the webui's own folder stays servable (its javascript/, script.js, style.css)
     command = [python, "launch.py", *COMMON_FLAGS, *HOSTS[name], "--data-dir", str(data),
                "--gradio-allowed-path", str(webui_dir), "--server-name", "127.0.0.1", "--port", str(port)]
@@ -65,15 +60,7 @@ def webui(request, tmp_path_factory):
         server = subprocess.Popen(command, cwd=webui_dir, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
-        for _ in range(360):
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, f"the webui exited:\n{log.read_text()}"
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"the webui did not answer in 3 minutes:\n{log.read_text()}")
+        wait_until_serving(url, server, log, 180, "the webui")
         yield name, url, data, log
     finally:
         server.terminate()
@@ -90,12 +77,6 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield browser
         browser.close()
-
-
-def _set_field(page, name: str, value) -> None:
-    field = page.locator(f"#prdp_{name} :is(input, textarea)")
-    field.fill(str(value))
-    field.press("Tab")
 
 
 def _txt2img_while_training(url: str, returned: dict) -> threading.Thread:
@@ -121,34 +102,24 @@ def test_toy_run_export_and_lora_card_in_the_webui(webui, browser):
     shots = Path(os.environ.get("PRDP_SCREENSHOT_DIR") or data)
     page = browser.new_page(viewport={"width": 1500, "height": 2000})
     page.goto(url, timeout=120_000)
-    page.get_by_role("tab", name="PRDP LoRA").or_(page.get_by_role("button", name="PRDP LoRA", exact=True)).click()
-    status, message = page.locator("#prdp_status").last, page.locator("#prdp_message").last
-    expect(status).to_contain_text("No run yet", timeout=60_000)
-    # the webui's folders, not the standalone defaults
-    for field, value in [("epochs", EPOCHS), ("prompts_per_epoch", 2), ("images_per_prompt", 2), ("num_steps", 6)]:
-        _set_field(page, field, value)
-    page.get_by_text("advanced", exact=True).click()
-    _set_field(page, "eval_max_prompts", 2)
-    _set_field(page, "eval_images_per_prompt", 2)
-
-    page.get_by_role("button", name="start", exact=True).click()
-    expect(message).to_contain_text("Started", timeout=60_000)
+    click_tab(page, "PRDP LoRA")
+    status, message = start_short_toy_run(page, EPOCHS)
     expect(status).to_contain_text("running", timeout=60_000)
     returned = {}
     waiting = _txt2img_while_training(url, returned)
     # the webui's own Generate waits in its queue too, and says what for
-    page.get_by_role("tab", name="Txt2img").or_(page.get_by_role("button", name="txt2img", exact=True)).first.click()
+    click_tab(page, "Txt2img")
     page.locator("#txt2img_generate").click()
     queued = page.locator(".progressDiv .progress").first
     expect(queued).to_contain_text("waiting for the PRDP LoRA training run", timeout=60_000)
     page.screenshot(path=str(shots / f"{name}_generation_waits.png"))
-    page.get_by_role("tab", name="PRDP LoRA").or_(page.get_by_role("button", name="PRDP LoRA", exact=True)).click()
+    click_tab(page, "PRDP LoRA")
     expect(status).to_contain_text(f"finished - epoch {EPOCHS}/{EPOCHS}", timeout=600_000)
     finished_at = time.monotonic()
     waiting.join(300)
     assert returned["at"] >= finished_at - 2.0, "a txt2img request ran while the PRDP run held the GPU"
 
-    _set_field(page, "export_name", "webui_lora")
+    set_field(page, "export_name", "webui_lora")
     page.get_by_role("button", name="export", exact=True).click()
     expect(message).to_contain_text("<lora:webui_lora:1>", timeout=60_000)
     lora = data / "models" / "Lora" / "webui_lora.safetensors"
@@ -158,7 +129,7 @@ def test_toy_run_export_and_lora_card_in_the_webui(webui, browser):
     page.screenshot(path=str(shots / f"{name}_prdp_tab.png"), full_page=True)
 
     # the webui's Lora tab lists the new LoRA after its refresh, with the card's thumbnail
-    page.get_by_role("tab", name="Txt2img").or_(page.get_by_role("button", name="txt2img", exact=True)).first.click()
+    click_tab(page, "Txt2img")
     page.locator("#txt2img_extra_tabs").get_by_role("tab", name="Lora").click()
     page.locator("#txt2img_lora_extra_refresh").first.click()  # the webui's script moves it into the tab bar
     card = page.locator("#txt2img_lora_cards .card[data-name='webui_lora']")

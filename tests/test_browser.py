@@ -10,15 +10,14 @@ webui's pinned libraries and prdp-lora, see .ci/run)."""
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+
+from tab_driver import click_tab, free_port, set_field, start_short_toy_run, wait_until_serving
 
 CHROMIUM = os.environ.get("PRDP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 PYTHONS = [sys.executable, *os.environ.get("PRDP_HOST_PYTHONS", "").split()]
@@ -61,17 +60,11 @@ def browser():
         browser.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(params=PYTHONS, ids=lambda python: Path(python).parents[1].name)  # the venv's folder name
 def app(request, tmp_path):
     """The tab served on a free local port: `prdp ui` by this interpreter, mounted in a host's Blocks by the others.
     Yields (url, whether it is mounted, loras folder, server log)."""
-    port, log, mounted = _free_port(), tmp_path / "server.log", request.param != sys.executable
+    port, log, mounted = free_port(), tmp_path / "server.log", request.param != sys.executable
     folders = [str(tmp_path / "runs"), str(tmp_path / "loras")]
     command = ["-c", MOUNTED_IN_A_HOST, str(port), *folders] if mounted else \
         ["-m", "prdp_core.cli", "ui", "--port", str(port), "--out", folders[0], "--loras", folders[1]]
@@ -81,25 +74,11 @@ def app(request, tmp_path):
                                   cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/"
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, f"prdp ui exited:\n{log.read_text()}"
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"prdp ui did not answer in 2 minutes:\n{log.read_text()}")
+        wait_until_serving(url, server, log, 120, "prdp ui")
         yield url, mounted, tmp_path / "loras", log
     finally:
         server.terminate()
         server.wait(30)
-
-
-def _set_field(page, name: str, value) -> None:
-    field = page.locator(f"#prdp_{name} :is(input, textarea)")
-    field.fill(str(value))
-    field.press("Tab")  # Gradio takes a number on change/blur
 
 
 def test_short_toy_run_in_the_browser(browser, app, tmp_path):
@@ -109,20 +88,8 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1800})
     page.goto(url)
     if mounted:
-        # a "tab" role from Gradio 4 on, a plain button in Gradio 3
-        page.get_by_role("tab", name=HOST_TAB).or_(page.get_by_role("button", name=HOST_TAB, exact=True)).click()
-    # .last: Gradio 3 repeats a Markdown's elem_id on its wrapper
-    status, message = page.locator("#prdp_status").last, page.locator("#prdp_message").last
-    expect(status).to_contain_text("No run yet", timeout=60_000)
-
-    for name, value in [("epochs", EPOCHS), ("prompts_per_epoch", 2), ("images_per_prompt", 2), ("num_steps", 6)]:
-        _set_field(page, name, value)
-    page.get_by_text("advanced", exact=True).click()
-    _set_field(page, "eval_max_prompts", 2)
-    _set_field(page, "eval_images_per_prompt", 2)
-
-    page.get_by_role("button", name="start", exact=True).click()
-    expect(message).to_contain_text("Started", timeout=60_000)
+        click_tab(page, HOST_TAB)
+    status, message = start_short_toy_run(page, EPOCHS)
     expect(status).to_contain_text("epoch 1/", timeout=120_000)
     # the toy model draws its captions in this Python too (a text encoder that failed to load scores about 0)
     before = re.search(r"evaluation before: seen ([0-9.e-]+)", page.locator("#prdp_log textarea").input_value())
@@ -145,10 +112,10 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
     expect(page.locator("#prdp_log textarea")).to_have_value(
         re.compile(f"resumed after epoch {stopped_at}"), timeout=30_000)
 
-    _set_field(page, "export_name", "../escape")
+    set_field(page, "export_name", "../escape")
     page.get_by_role("button", name="export", exact=True).click()
     expect(message).to_contain_text("Not exported: LoRA name", timeout=60_000)
-    _set_field(page, "export_name", "browser_lora")
+    set_field(page, "export_name", "browser_lora")
     page.get_by_role("button", name="export", exact=True).click()
     expect(message).to_contain_text("Saved", timeout=60_000)
     link = page.locator("#prdp_exported a").first

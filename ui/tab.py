@@ -42,9 +42,9 @@ class HostContext:
 class TabState:
     """The tab's one session (one run per process) and the host context its callbacks read."""
 
-    def __init__(self, context: HostContext):
+    def __init__(self, context: HostContext, session: RunSession | None = None):
         self.context = context
-        self.session = RunSession(gpu_lock=context.gpu_lock)
+        self.session = session or RunSession(gpu_lock=context.gpu_lock)
         self.rewards = reward_names()
 
     # ------------------------------------------------------------------------------------------ callbacks
@@ -158,11 +158,13 @@ def _curve(state: Snapshot):
 
 
 # ---------------------------------------------------------------------------------------------- the Blocks
-def build_tab(context: HostContext | None = None):
-    """The tab as gr.Blocks; `context` says where models, LoRAs and runs live (default: the current folder)."""
+def build_tab(context: HostContext | None = None, session: RunSession | None = None):
+    """The tab as gr.Blocks; `context` says where models, LoRAs and runs live (default: the current folder).
+    A host that builds the tab again (A1111's Reload UI) passes the `session` of the first build, so the new tab
+    shows the run in progress."""
     import gradio as gr
 
-    state = TabState(context or HostContext())
+    state = TabState(context or HostContext(), session)
     ctx = state.context
     defaults = TrainConfig.from_dict({**TrainConfig().to_dict(), **ctx.defaults})
     widgets = {}

@@ -34,7 +34,10 @@ def is_forge() -> bool:
 def release_host_model():
     """Free the GPU memory the webui's model holds; returns what `restore_host_model` needs to bring it back."""
     if is_forge():  # Forge moves models itself: unload them all now, it loads what a generation needs again
-        from backend import memory_management
+        try:
+            from backend import memory_management  # Forge 2 (since 2024-08)
+        except ImportError:  # Forge 1: the same functions in its ComfyUI port
+            from ldm_patched.modules import model_management as memory_management
 
         memory_management.unload_all_models()
         memory_management.soft_empty_cache()
@@ -123,7 +126,7 @@ def add_settings() -> None:
         shared.opts.add_option(key, info.needs_reload_ui())
 
 
-_tabs = []  # the tab's state as last built (the webui rebuilds its UI on Reload UI)
+_sessions = []  # the one RunSession of this webui process, kept when Reload UI builds the tab again
 
 
 def ui_tabs() -> list:
@@ -132,10 +135,12 @@ def ui_tabs() -> list:
         import diffusers  # noqa: F401  (the libraries a run needs, imported now so that a conflict shows here)
         import peft  # noqa: F401
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
+        from prdp_core.session import RunSession
         from prdp_ui import build_tab
 
-        blocks = build_tab(host_context())
-        _tabs[:] = [blocks.prdp_state]
+        if not _sessions:
+            _sessions.append(RunSession(gpu_lock=hold_gpu))
+        blocks = build_tab(host_context(), _sessions[0])
     except Exception as exc:  # the webui must keep starting: the tab says what is wrong instead
         log.warning("PRDP tab unavailable", exc_info=True)
         blocks = message_tab(dependency_message(exc))
@@ -160,7 +165,7 @@ def message_tab(text: str):
 
 def run_status() -> dict:
     """GET /prdp-lora/status, for javascript/prdp_lora.js: whether a PRDP run holds the webui's queue lock."""
-    return {"running": any(state.session.running for state in _tabs)}
+    return {"running": any(session.running for session in _sessions)}
 
 
 def add_routes(demo, app) -> None:
