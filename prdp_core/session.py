@@ -55,6 +55,8 @@ class Snapshot:
         images after the "after" evaluation, which a bar shows as a second pass of the last stage."""
         if self.status in ("finished", "stopped"):
             return 1.0
+        if self.phase == WAITING_FOR_GPU:
+            return 0.0
         stages = self.epochs + 2
         within = self.phase_done / self.phase_total if self.phase_total else 0.0
         if not self.phase:  # between phases: at the end of the stages done so far
@@ -75,6 +77,7 @@ class Snapshot:
 
 
 _EPOCH_PASSES = ("sampling", "reference", "optimization")
+WAITING_FOR_GPU = "waiting for the GPU"  # the phase of a started run until the host's gpu_lock lets it begin
 
 
 class RunSession:
@@ -136,7 +139,7 @@ class RunSession:
             raise
         self._stop = threading.Event()
         with self._guard:
-            self._state = Snapshot(status="running", epochs=trainer.config.epochs)
+            self._state = Snapshot(status="running", epochs=trainer.config.epochs, phase=WAITING_FOR_GPU)
         self._thread = threading.Thread(target=self._run, args=(trainer, self._stop), name="prdp-run", daemon=True)
         self._thread.start()
 
@@ -218,6 +221,7 @@ def _apply(state: Snapshot, event: Event) -> None:
     """Fold one trainer event into what a face shows."""
     if isinstance(event, RunStarted):
         state.run_dir, state.epoch, state.eval_sets = event.run_dir, event.start_epoch, list(event.eval_sets)
+        state.phase = ""  # the gpu_lock is held: no longer waiting
         state.epochs = event.config.epochs
         if event.start_epoch:  # a resumed run's curve starts with the epochs already in its metrics
             from .trainer import METRICS_FILE

@@ -109,10 +109,12 @@ def test_a_run_holds_the_queue_lock_with_the_host_model_moved_away_and_back(webu
     state.session.start(tiny_config)
     held, reported = [], status.get("/prdp-lora/status").json()
     while state.session.running:
-        held.append(call_queue.queue_lock.locked())
+        snapshot = state.session.snapshot()
+        if snapshot.status == "running" and snapshot.run_dir:  # the trainer runs: from its first event to its last
+            held.append(call_queue.queue_lock.locked())
         time.sleep(0.05)
     assert state.session.snapshot().status == "finished" and reported == {"running": True}
-    assert len(held) > 3 and all(held[1:])  # the first look may come before the training thread took the lock
+    assert len(held) > 3 and all(held)
     assert model.moves == [("cpu", True), ("cuda", True)]  # off the GPU, then back, both under the lock
     assert not call_queue.queue_lock.locked()  # the webui's generations run again
     assert status.get("/prdp-lora/status").json() == {"running": False}
@@ -120,13 +122,16 @@ def test_a_run_holds_the_queue_lock_with_the_host_model_moved_away_and_back(webu
     assert rebuilt.session is state.session and rebuilt.poll()[0].startswith("**finished**")
 
 
-def test_a_failed_run_still_gives_the_gpu_back(webui, tiny_config):
+def test_a_run_waits_for_the_webuis_generation_and_a_failed_one_gives_the_gpu_back(webui, tiny_config):
     from modules import call_queue
 
     _, state = tab_state(webui)
     webui.devices.device = "cuda"
     model = webui.sd_models.model_data.sd_model = HostModel(call_queue.queue_lock)
-    state.session.start(type(tiny_config).from_dict({**tiny_config.to_dict(), "model": str(webui.checkpoint)}))
+    with call_queue.queue_lock:  # the webui is generating: the run waits, and says so
+        state.session.start(type(tiny_config).from_dict({**tiny_config.to_dict(), "model": str(webui.checkpoint)}))
+        time.sleep(0.5)
+        assert state.poll()[0] == "**running** - epoch 0/1 - waiting for the GPU" and model.moves == []
     state.session.wait(60)
     snapshot = state.session.snapshot()
     assert snapshot.status == "failed" and "dreamy.safetensors" in snapshot.error  # the file does not exist

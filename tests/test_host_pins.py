@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not PYTHONS, reason="PRDP_HOST_PYTHONS names no 
 
 
 def _host(python: str) -> str:
-    return Path(python).parents[1].name.removeprefix(".venv-")  # .venv-a1111/bin/python -> a1111
+    return Path(python).parents[1].name.rsplit("-", 1)[-1]  # .venv-a1111/bin/python -> a1111
 
 
 @pytest.mark.parametrize("python", PYTHONS, ids=_host)
@@ -29,8 +29,8 @@ def test_the_webuis_pins_are_what_is_installed(python):
     script = "import importlib.metadata as m, sys; print('\\n'.join(m.version(n) for n in sys.argv[1:]))"
     installed = subprocess.run([python, "-c", script, *(pin.name for pin in pins)], capture_output=True, text=True,
                                check=True).stdout.split()
-    assert {pin.name: version for pin, version in zip(pins, installed)} == \
-        {pin.name: str(pin.specifier).removeprefix("==") for pin in pins}
+    unmet = {pin.name: version for pin, version in zip(pins, installed) if not pin.specifier.contains(version)}
+    assert len(installed) == len(pins) and unmet == {}
 
 
 @pytest.mark.slow

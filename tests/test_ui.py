@@ -1,6 +1,7 @@
 """The Gradio tab: the form <-> config mapping, the callbacks (run, stop, resume, export, config files) driven as the
 tab drives them, and the Blocks wiring under the installed Gradio."""
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -139,9 +140,14 @@ def test_tab_builds_and_wires_its_events():
     pytest.importorskip("gradio")
     from prdp_ui import build_tab
 
+    def name(fn):
+        if fn.__name__ == "continuous_fn":  # Gradio 3 wraps a load(every=...) callback
+            fn = inspect.getclosurevars(fn).nonlocals["fn"]
+        return fn.__name__
+
     blocks = build_tab(HostContext())
-    names = [getattr(fn, "name", "") or getattr(fn.fn, "__name__", "") for fn in blocks.fns.values()] \
-        if isinstance(blocks.fns, dict) else [fn.fn.__name__ for fn in blocks.fns]
+    names = [getattr(fn, "name", "") or name(fn.fn) for fn in blocks.fns.values()] \
+        if isinstance(blocks.fns, dict) else [name(fn.fn) for fn in blocks.fns]
     assert len(names) == 7  # start, stop, resume, export, save, load, poll
     assert {"stop", "resume", "export", "load_config", "poll"} <= set(names)
 

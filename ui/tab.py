@@ -141,7 +141,7 @@ def _status_line(state: Snapshot) -> str:
         return "No run yet."
     text = f"**{state.status}** - epoch {state.epoch}/{state.epochs}"
     if state.phase:
-        text += f" - {state.phase} {state.phase_done}/{state.phase_total}"
+        text += f" - {state.phase}" + (f" {state.phase_done}/{state.phase_total}" if state.phase_total else "")
     if state.error:
         text += f"\n\n{state.error}"
     return text
