@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,8 @@ from .config import TrainConfig
 from .errors import PrdpError
 from .events import (CheckpointWritten, EpochEnd, EpochSampled, Evaluated, Event, Failed, Finished, Progress,
                      RunStarted)
+
+log = logging.getLogger("prdp")
 
 # The model, the GPU and the run folder are not shared: one run at a time in this process, whichever face started it.
 _RUN_LOCK = threading.Lock()
@@ -147,8 +150,19 @@ class RunSession:
         try:
             with self._gpu_lock():
                 trainer.run(stop)
-        except Exception:  # the trainer has emitted Failed with the message; the face shows it
-            pass
+        except Exception as exc:  # the trainer has emitted Failed with its message, unless the host's lock failed
+            log.warning("run ended with an error", exc_info=True)
+            with self._guard:
+                unreported = self._state.status == "running"
+                if unreported:
+                    reason, run_dir = f"{type(exc).__name__}: {exc}", self._state.run_dir
+                    self._state.status, self._state.phase = "failed", ""
+                    self._state.error = (
+                        f"the host could not hand its GPU over to the run ({reason}); restart the host, then start "
+                        f"again." if run_dir is None else f"the run stopped on an unexpected error ({reason}); "
+                        f"resume it from {run_dir} after fixing the cause.")
+            if unreported:
+                self._on_change(self.snapshot())
         finally:
             _RUN_LOCK.release()
 

@@ -138,6 +138,23 @@ def test_a_run_waits_for_the_webuis_generation_and_a_failed_one_gives_the_gpu_ba
     assert model.moves == [("cpu", True), ("cuda", True)] and not call_queue.queue_lock.locked()
 
 
+def test_a_host_that_cannot_hand_over_its_gpu_fails_the_run_in_one_sentence(webui, tiny_config, monkeypatch):
+    from modules import call_queue
+
+    from prdp_extension.a1111 import host
+
+    def out_of_memory():
+        raise RuntimeError("CUDA error: out of memory")
+    monkeypatch.setattr(host, "release_host_model", out_of_memory)
+    _, state = tab_state(webui)
+    state.session.start(tiny_config)
+    state.session.wait(60)
+    snapshot = state.session.snapshot()
+    assert snapshot.status == "failed" and not call_queue.queue_lock.locked()
+    assert snapshot.error == ("the host could not hand its GPU over to the run (RuntimeError: CUDA error: out of "
+                              "memory); restart the host, then start again.")
+
+
 def test_no_loaded_host_model_is_left_alone(webui):
     from prdp_extension.a1111 import host
 

@@ -50,8 +50,13 @@ def release_host_model():
 
 
 def restore_host_model(model) -> None:
-    if model is not None:
+    if model is None:
+        return
+    try:
         sd_models.send_model_to_device(model)  # A1111's "Load SD checkpoint to VRAM from RAM"
+    except Exception:  # the run's result stands; the webui's model waits on the CPU for the user
+        log.exception("PRDP could not move the webui's model back to the GPU; use Settings > Actions > Load SD "
+                      "checkpoint to VRAM from RAM")
 
 
 @contextlib.contextmanager
