@@ -116,7 +116,8 @@ def test_sdxl_export_reloads_exactly_in_diffusers(adapted_xl, tmp_path, fmt):
     base_images = _images(fresh) if fmt == "kohya" else None  # the whole pipeline once: a CPU-minute matters
     fresh.load_lora_weights(str(path.parent), weight_name=path.name)
     assert (base_eps - eps).abs().max().item() > 1e-2  # the adapter matters: the comparison can fail
-    assert (_eps(fresh) - eps).abs().max().item() < 1e-5
+    # the diffusers format carries alpha / rank folded into lora_B: the same product, rounded in another order
+    assert (_eps(fresh) - eps).abs().max().item() < (1e-5 if fmt == "kohya" else 1e-4)
     if base_images is not None:
         assert abs(base_images - images).max() > 1e-2
         assert abs(_images(fresh) - images).max() < 1e-3
