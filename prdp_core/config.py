@@ -355,7 +355,9 @@ def check_file_name(name: str, what: str, allow_empty: bool = False) -> str:
     """Refuse names that would escape their folder (path separators, '..')."""
     if not name and allow_empty:
         return name
-    if not name or "/" in name or "\\" in name or name in (".", "..") or ".." in name or "\0" in name:
+    if not name.strip():
+        raise ConfigError(f"{what} is empty; give it a name.")
+    if "/" in name or "\\" in name or name in (".", "..") or ".." in name or "\0" in name:
         raise ConfigError(f"{what} {name!r} must be a plain file name without path separators or '..'.")
     return name
 

@@ -50,6 +50,14 @@ class Snapshot:
     eval_sets: list[str] = field(default_factory=list)  # what each evaluation samples, in order
     error: str = ""
     lora_path: Path | None = None
+    started_at: float = 0.0  # time.time() when the run was started (its wait for the GPU included)
+    ended_at: float = 0.0  # time.time() when it finished, stopped or failed; 0 while it runs
+
+    def elapsed(self, now: float | None = None) -> float:
+        """Seconds since the run started, up to its end."""
+        if not self.started_at:
+            return 0.0
+        return (self.ended_at or (time.time() if now is None else now)) - self.started_at
 
     def fraction(self) -> float:
         """How much of the run is done, in [0, 1], for a progress bar: the evaluation before training, each epoch
@@ -142,7 +150,8 @@ class RunSession:
             raise
         self._stop = threading.Event()
         with self._guard:
-            self._state = Snapshot(status="running", epochs=trainer.config.epochs, phase=WAITING_FOR_GPU)
+            self._state = Snapshot(status="running", epochs=trainer.config.epochs, phase=WAITING_FOR_GPU,
+                                   started_at=time.time())
         self._thread = threading.Thread(target=self._run, args=(trainer, self._stop), name="prdp-run", daemon=True)
         self._thread.start()
 
@@ -156,7 +165,7 @@ class RunSession:
                 unreported = self._state.status == "running"
                 if unreported:
                     reason, run_dir = f"{type(exc).__name__}: {exc}", self._state.run_dir
-                    self._state.status, self._state.phase = "failed", ""
+                    self._state.status, self._state.phase, self._state.ended_at = "failed", "", time.time()
                     self._state.error = (
                         f"the host could not hand its GPU over to the run ({reason}); restart the host, then start "
                         f"again." if run_dir is None else f"the run stopped on an unexpected error ({reason}); "
@@ -263,10 +272,10 @@ def _apply(state: Snapshot, event: Event) -> None:
         _append_log(state, f"checkpoint {event.path.name}")
     elif isinstance(event, Finished):
         state.status = "stopped" if event.cancelled else "finished"
-        state.lora_path, state.phase = event.lora_path, ""
+        state.lora_path, state.phase, state.ended_at = event.lora_path, "", time.time()
         _append_log(state, f"{state.status}; LoRA {event.lora_path}" if event.lora_path else state.status)
     elif isinstance(event, Failed):
-        state.status, state.error, state.phase = "failed", event.message, ""
+        state.status, state.error, state.phase, state.ended_at = "failed", event.message, "", time.time()
         _append_log(state, f"failed: {event.message}")
 
 

@@ -131,7 +131,7 @@ def test_a_run_waits_for_the_webuis_generation_and_a_failed_one_gives_the_gpu_ba
     with call_queue.queue_lock:  # the webui is generating: the run waits, and says so
         state.session.start(type(tiny_config).from_dict({**tiny_config.to_dict(), "model": str(webui.checkpoint)}))
         time.sleep(0.5)
-        assert state.poll()[0] == "**running** - epoch 0/1 - waiting for the GPU" and model.moves == []
+        assert state.poll()[0].startswith("**running** · waiting for the GPU") and model.moves == []
     state.session.wait(60)
     snapshot = state.session.snapshot()
     assert snapshot.status == "failed" and "dreamy.safetensors" in snapshot.error  # the file does not exist

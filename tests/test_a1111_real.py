@@ -114,7 +114,7 @@ def test_toy_run_export_and_lora_card_in_the_webui(webui, browser):
     expect(queued).to_contain_text("waiting for the PRDP LoRA training run", timeout=60_000)
     page.screenshot(path=str(shots / f"{name}_generation_waits.png"))
     click_tab(page, "PRDP LoRA")
-    expect(status).to_contain_text(f"finished - epoch {EPOCHS}/{EPOCHS}", timeout=600_000)
+    expect(status).to_contain_text(f"finished · {EPOCHS} of {EPOCHS} epochs", timeout=600_000)
     finished_at = time.monotonic()
     waiting.join(300)
     assert returned["at"] >= finished_at - 2.0, "a txt2img request ran while the PRDP run held the GPU"

@@ -90,13 +90,14 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
     if mounted:
         click_tab(page, HOST_TAB)
     status, message = start_short_toy_run(page, EPOCHS)
-    expect(status).to_contain_text("epoch 1/", timeout=120_000)
+    # counted from 1, in words, with the time taken; "epoch 2 of": the first epoch is done
+    expect(status).to_contain_text(re.compile(r"epoch 2 of \d+.*elapsed"), timeout=120_000)
     # the toy model draws its captions in this Python too (a text encoder that failed to load scores about 0)
     before = re.search(r"evaluation before: seen ([0-9.e-]+)", page.locator("#prdp_log textarea").input_value())
     assert before and float(before[1]) > 0.2, page.locator("#prdp_log textarea").input_value()
     page.get_by_role("button", name="stop", exact=True).click()
     expect(status).to_contain_text("stopped", timeout=120_000)
-    stopped_at = int(status.inner_text().split("epoch ")[1].split("/")[0])
+    stopped_at = int(re.search(r"stopped · (\d+) of", status.inner_text())[1])
     assert 1 <= stopped_at < EPOCHS, status.inner_text()
     # the live views were filled while it ran: a curve image and the epoch's samples
     curve = page.locator("#prdp_curve img")
@@ -106,7 +107,7 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
 
     page.get_by_role("button", name="resume", exact=True).click()
     expect(message).to_contain_text("Resuming", timeout=60_000)
-    expect(status).to_contain_text(f"finished - epoch {EPOCHS}/{EPOCHS}", timeout=300_000)
+    expect(status).to_contain_text(f"finished · {EPOCHS} of {EPOCHS} epochs", timeout=300_000)
     expect(page.locator("#prdp_before_after img")).to_have_count(1, timeout=30_000)
     expect(curve).not_to_have_attribute("src", curve_when_stopped, timeout=30_000)  # redrawn with the new epochs
     expect(page.locator("#prdp_log textarea")).to_have_value(
@@ -120,6 +121,9 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
     expect(message).to_contain_text("Saved", timeout=60_000)
     link = page.locator("#prdp_exported a").first
     expect(link).to_be_visible(timeout=30_000)
+    page.get_by_role("button", name="export", exact=True).click()  # the same name again: refused, the link stays
+    expect(message).to_contain_text("already exists", timeout=60_000)
+    expect(link).to_be_visible()
     page.wait_for_timeout(1500)  # one more poll, so the screenshot shows the final state
     page.screenshot(path=str(tmp_path / "finished_run.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'finished_run.png'}")

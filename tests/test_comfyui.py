@@ -269,7 +269,7 @@ def test_a_run_that_trained_nothing_is_neither_exported_nor_preferred(comfy, mon
 @pytest.mark.parametrize("name", ["../escape", "sub/dir", "/abs/path", "..", "a\\b", ""])
 def test_lora_names_that_leave_the_folder_are_refused(comfy, name):
     for node, inputs in (("PRDPTrainLoRA", {}), ("PRDPExportLoRA", {})):
-        with pytest.raises(ConfigError, match="plain file name") as raised:
+        with pytest.raises(ConfigError, match="plain file name|is empty; give it a name") as raised:
             if node == "PRDPTrainLoRA":
                 train(comfy, lora_name=name)
             else:

@@ -61,7 +61,7 @@ def test_bad_form_is_a_message_not_an_exception(tab, tiny_config):
     assert tab.start(values, weights, *prompts).startswith("Not started: epochs")
     assert tab.start(values, [0.0] * len(weights), *prompts).startswith("Not started: ")  # no reward picked
     assert tab.stop() == "No run in progress."
-    assert tab.export("x", "kohya", "fp16") == ("Export needs a finished or stopped run.", None)
+    assert tab.export("x", "kohya", "fp16") == ("Export needs a finished or stopped run.", UNCHANGED)
 
 
 @needs_diffusers_lora_loading
@@ -72,13 +72,17 @@ def test_run_poll_export_and_reload_in_diffusers(tab, tiny_config):
     assert tab.start(*form_of(tab, tiny_config)).startswith("Not started: a training run is already in progress")
     assert tab.session.wait(600)
     status, log, curve, samples, before_after, key = tab.poll()
-    assert status.startswith("**finished** - epoch 2/2")
+    assert status.startswith("**finished** · 2 of 2 epochs · ")
     assert curve.size[0] > 100 and samples and before_after.endswith("before_after.png")
     assert "epoch 2/2" in log
     assert tab.poll(key)[2:] == (UNCHANGED, UNCHANGED, UNCHANGED, key)  # nothing new: the pictures are not re-sent
 
     assert tab.export("../escape", "kohya", "fp16")[0].startswith("Not exported: LoRA name")
+    assert tab.export(" ", "kohya", "fp16") == ("Not exported: LoRA name is empty; give it a name.", UNCHANGED)
     message, path = tab.export("my_lora", "kohya", "fp16")
+    assert tab.export("my_lora", "kohya", "fp32") == (  # no silent overwrite; the link to the first file stays
+        f"Not exported: my_lora.safetensors already exists in {tab.context.lora_dir}; choose another name, or delete "
+        f"that file first.", UNCHANGED)
     assert message == f"Saved {path}; in a prompt of A1111 or Forge it is `<lora:my_lora:1>`."
     assert path == str(tab.context.lora_dir / "my_lora.safetensors")
     pipe = load_pipeline("builtin:tiny")
@@ -102,9 +106,9 @@ def test_stop_and_resume_from_the_tab(tab, tiny_config):
     tab.session._on_change = stop_at_first_epoch
     tab.start(*form_of(tab, TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 3})))
     assert tab.session.wait(600) and stopped[0].startswith("Stopping")
-    assert tab.poll()[0].startswith("**stopped** - epoch 1/3")
+    assert tab.poll()[0].startswith("**stopped** · 1 of 3 epochs")
     assert tab.resume("").startswith("Resuming ")  # empty: the last run
-    assert tab.session.wait(600) and tab.poll()[0].startswith("**finished** - epoch 3/3")
+    assert tab.session.wait(600) and tab.poll()[0].startswith("**finished** · 3 of 3 epochs")
     assert tab.resume(str(tab.context.output_dir / "nothing-here")).startswith("Not resumed: ")
 
 

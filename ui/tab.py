@@ -7,6 +7,7 @@ and only with components and events that Gradio 3.41 (A1111), 4.40 (Forge) and t
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -17,7 +18,7 @@ from prdp_core.export import export_lora, run_thumbnail
 from prdp_core.plots import line_plot
 from prdp_core.prompts import builtin_prompt_sets
 from prdp_core.rewards import reward_names
-from prdp_core.session import RunSession, Snapshot
+from prdp_core.session import WAITING_FOR_GPU, RunSession, Snapshot
 
 from .form import ADVANCED, BASIC, FIELDS, REWARD, config_to_form, form_to_config, prompt_source
 
@@ -88,17 +89,22 @@ class TabState:
         pictures = (UNCHANGED,) * 3 if key == seen else (_curve(state), state.samples, grid_time and str(grid))
         return (_status_line(state), "\n".join(state.log), *pictures, key)
 
-    def export(self, name: str, fmt: str, dtype: str) -> tuple[str, str | None]:
+    def export(self, name: str, fmt: str, dtype: str) -> tuple[str, object]:
+        """The message, and the file to offer (UNCHANGED after a refusal: the last good link stays)."""
         state = self.session.snapshot()
         if state.run_dir is None or self.session.running:
-            return "Export needs a finished or stopped run.", None
+            return "Export needs a finished or stopped run.", UNCHANGED
         try:
-            check_file_name(name, "LoRA name")
+            check_file_name(name.strip(), "LoRA name")
+            destination = self.context.lora_dir / f"{Path(name.strip()).stem}.safetensors"
+            if destination.exists():
+                return (f"Not exported: {destination.name} already exists in {destination.parent}; choose another "
+                        f"name, or delete that file first."), UNCHANGED
             self.context.lora_dir.mkdir(parents=True, exist_ok=True)
-            path = export_lora(state.run_dir, self.context.lora_dir / f"{Path(name).stem}.safetensors", fmt, dtype,
-                               sidecar=True, preview=run_thumbnail(state.run_dir))  # A1111's card files
+            path = export_lora(state.run_dir, destination, fmt, dtype, sidecar=True,
+                               preview=run_thumbnail(state.run_dir))  # A1111's card files
         except PrdpError as exc:
-            return f"Not exported: {exc}", None
+            return f"Not exported: {exc}", UNCHANGED
         self.context.after_export(path)
         return f"Saved {path}; in a prompt of A1111 or Forge it is `<lora:{path.stem}:1>`.", str(path)
 
@@ -136,15 +142,38 @@ def _file_path(upload) -> str | None:
     return getattr(upload, "name", upload) or None
 
 
-def _status_line(state: Snapshot) -> str:
+PHASE_WORDS = {"sampling": "sampling images", "reference": "reference pass", "optimization": "updating the LoRA"}
+
+
+def _status_line(state: Snapshot, now: float | None = None) -> str:
+    """The run in plain words: what it does now, counted from 1, with the time it has taken."""
     if state.status == "idle":
         return "No run yet."
-    text = f"**{state.status}** - epoch {state.epoch}/{state.epochs}"
-    if state.phase:
-        text += f" - {state.phase}" + (f" {state.phase_done}/{state.phase_total}" if state.phase_total else "")
-    if state.error:
-        text += f"\n\n{state.error}"
-    return text
+    elapsed = _duration(state.elapsed(now))
+    if state.status == "running":
+        if state.phase == WAITING_FOR_GPU:
+            return f"**running** · {WAITING_FOR_GPU} (the host is busy) · {elapsed}"
+        parts = [f"**running** · {_stage(state)}"]
+        if state.phase and state.phase_total:
+            parts.append(f"batch {state.phase_done} of {state.phase_total}")
+        return " · ".join([*parts, f"{round(100 * state.fraction())}%", f"{elapsed} elapsed"])
+    text = f"**{state.status}** · {state.epoch} of {state.epochs} epochs · {elapsed}"
+    return f"{text}\n\n{state.error}" if state.error else text
+
+
+def _stage(state: Snapshot) -> str:
+    if state.phase.startswith("eval"):
+        when = ("before training" if state.epoch == 0 and "before" not in state.evaluations else
+                "after training" if state.epoch >= state.epochs else f"after epoch {state.epoch}")
+        return f"evaluation {when}, {state.phase[len('eval '):]} prompts"
+    words = PHASE_WORDS.get(state.phase, state.phase)
+    return f"epoch {min(state.epoch + 1, state.epochs)} of {state.epochs}" + (f", {words}" if words else "")
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 def _curve(state: Snapshot):
@@ -202,10 +231,11 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
                     widgets["eval_prompts"] = widget(basic.pop("eval_prompts"))
                 with gr.Accordion("reward mix (weight 0 = not used)", open=True):
                     weights = []
-                    for i in range(0, len(state.rewards), 5):
+                    for i in range(0, len(state.rewards), 4):  # 4 a row, spaced names: the labels fit
                         with gr.Row():
-                            weights += [gr.Number(value=defaults.rewards.get(name, 0.0), label=name, min_width=100,
-                                                  elem_id=f"prdp_reward_{name}") for name in state.rewards[i:i + 5]]
+                            weights += [gr.Number(value=defaults.rewards.get(name, 0.0), label=name.replace("_", " "),
+                                                  min_width=140, elem_id=f"prdp_reward_{name}")
+                                        for name in state.rewards[i:i + 4]]
                     rows(field_specs(REWARD), 1)
                 with gr.Accordion("training", open=True):
                     rows(list(basic.values()), 3)
@@ -252,13 +282,19 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
             except PrdpError as exc:  # the form keeps what it had; the message shows as a notice
                 raise gr.Error(f"Not loaded: {exc}") from None
 
-        def poll(last_seen):
-            return [gr.update() if value is UNCHANGED else value for value in state.poll(last_seen)]
+        def as_updates(callback):
+            @functools.wraps(callback)
+            def send(*values):  # UNCHANGED outputs become Gradio's no-op update
+                return [gr.update() if value is UNCHANGED else value for value in callback(*values)]
+            return send
+
+        poll = as_updates(state.poll)
 
         start.click(lambda *v: state.start(*split(v)), inputs=form, outputs=message)
         stop.click(state.stop, outputs=message)
         resume.click(state.resume, inputs=resume_dir, outputs=message)
-        export.click(state.export, inputs=[export_name, export_format, export_dtype], outputs=[message, exported])
+        export.click(as_updates(state.export), inputs=[export_name, export_format, export_dtype],
+                     outputs=[message, exported])
         save.click(lambda *v: state.save_config(*split(v)), inputs=form, outputs=[message, config_file])
         load.upload(load_config, inputs=load, outputs=[*fields, *weights, builtin])
         outputs = [status, log, curve, gallery, before_after, seen]
