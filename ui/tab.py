@@ -231,11 +231,11 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
                     widgets["eval_prompts"] = widget(basic.pop("eval_prompts"))
                 with gr.Accordion("reward mix (weight 0 = not used)", open=True):
                     weights = []
-                    for i in range(0, len(state.rewards), 4):  # 4 a row, spaced names: the labels fit
+                    for i in range(0, len(state.rewards), 3):  # 3 a row, spaced names: the labels fit
                         with gr.Row():
                             weights += [gr.Number(value=defaults.rewards.get(name, 0.0), label=name.replace("_", " "),
-                                                  min_width=140, elem_id=f"prdp_reward_{name}")
-                                        for name in state.rewards[i:i + 4]]
+                                                  min_width=150, elem_id=f"prdp_reward_{name}")
+                                        for name in state.rewards[i:i + 3]]
                     rows(field_specs(REWARD), 1)
                 with gr.Accordion("training", open=True):
                     rows(list(basic.values()), 3)
