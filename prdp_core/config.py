@@ -219,13 +219,33 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """The validated config; a ConfigError names every setting that is wrong, not only the first."""
         known = {f.name for f in dataclasses.fields(cls)}
+        problems = []
         for key in data:
             if key not in known:
                 close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else "."
-                raise ConfigError(f"{source}: unknown setting {key!r}{hint}")
-        return cls(**data).validate()
+                problems.append(f"unknown setting {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        settings = {key: value for key, value in data.items() if key in known}
+        wrong = {key: cls._problem({key: value}) for key, value in settings.items()}  # each on its own, so that one
+        wrong = {key: problem for key, problem in wrong.items() if problem}  # mistake does not hide the next
+        for key in list(wrong):  # one that only needs the rest of the file (reward_options names its rewards)
+            if not cls._problem({k: v for k, v in settings.items() if k not in wrong or k == key}):
+                del wrong[key]
+        if len(problems) + len(wrong) == 1:
+            raise ConfigError(f"{source}: {problems[0]}." if problems else f"{next(iter(wrong.values()))}.")
+        problems += wrong.values()
+        if problems:
+            raise ConfigError(f"{source} has {len(problems)} problems: " + "; ".join(problems) + ".")
+        return cls(**data).validate()  # what only the settings together can break
+
+    @classmethod
+    def _problem(cls, settings: dict[str, Any]) -> str:
+        try:
+            cls(**settings).validate()
+        except ConfigError as exc:
+            return str(exc).rstrip(".")
+        return ""
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":

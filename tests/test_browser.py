@@ -89,6 +89,15 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
     page.goto(url)
     if mounted:
         click_tab(page, HOST_TAB)
+    # a config file that does not load changes no field and says what is wrong, with the user's file name
+    set_field(page, "seed", 7)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("epochs = \n")
+    page.locator("#prdp_load_config input[type=file]").set_input_files(str(broken))
+    expect(page.locator("#prdp_config_message").last).to_contain_text("Not loaded: config file broken.toml is not "
+                                                                      "valid TOML", timeout=30_000)
+    assert page.locator("#prdp_seed input").input_value() == "7"
+    page.screenshot(path=str(tmp_path / "bad_upload.png"), full_page=True)
     status, message = start_short_toy_run(page, EPOCHS)
     # counted from 1, in words, with the time taken; "epoch 2 of": the first epoch is done
     expect(status).to_contain_text(re.compile(r"epoch 2 of \d+.*elapsed"), timeout=120_000)

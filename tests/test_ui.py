@@ -118,13 +118,20 @@ def test_config_file_save_and_load(tab, tiny_config, tmp_path):
     form = form_of(tab, config)
     message, path = tab.save_config(*form)
     assert message == f"Saved {path}."
-    loaded = tab.load_config(path)
-    assert loaded == [*form[0], *form[1], tiny_config.prompts]
+    message, loaded = tab.load_config(path)
+    assert message == "Loaded prdp_config.toml." and loaded == [*form[0], *form[1], tiny_config.prompts]
     assert TrainConfig.load(path).reward_options == config.reward_options  # the options survive the file
-    broken = tmp_path / "broken.toml"
+    broken = tmp_path / "gradio-temp-copy" / "broken.toml"  # Gradio 4+ hands over a copy with the user's name
+    broken.parent.mkdir()
     broken.write_text("epochs = \n")
-    with pytest.raises(ConfigError, match="is not valid TOML"):  # build_tab shows it as a notice, the form stays
-        tab.load_config(str(broken))
+    message, loaded = tab.load_config(str(broken))
+    assert loaded is None and message.startswith("Not loaded: config file broken.toml is not valid TOML")
+    two_mistakes = tmp_path / "two.toml"
+    two_mistakes.write_text("epochs = 0\nlerning_rate = 0.1\n")
+    message, loaded = tab.load_config(str(two_mistakes))
+    assert loaded is None and str(tmp_path) not in message
+    assert message == ("Not loaded: two.toml has 2 problems: unknown setting 'lerning_rate' (did you mean "
+                       "'learning_rate'?); epochs must be at least 1, got 0.")
 
 
 def test_model_discovery(tmp_path):

@@ -118,11 +118,17 @@ class TabState:
         config.save(path)
         return f"Saved {path}.", str(path)
 
-    def load_config(self, upload) -> list:
-        """Form values from a saved .toml/.json config: the fields, then the reward weights, then the prompts."""
-        config = TrainConfig.load(_file_path(upload))
+    def load_config(self, upload) -> tuple[str, list | None]:
+        """A message, and the form values from a saved .toml/.json config (the fields, then the reward weights,
+        then the prompts), or None where it does not load: the form keeps what it has."""
+        path, name = _file_path(upload), _file_name(upload)
+        try:
+            config = TrainConfig.load(path)
+        except PrdpError as exc:  # named as the user knows the file, not as Gradio's temporary copy
+            reason = str(exc).replace(str(path), name)
+            return f"Not loaded: {reason if name in reason else f'{name}: {reason}'}", None
         values, weights = config_to_form(config, FIELDS, self.rewards)
-        return [*values, *weights, config.prompts]
+        return f"Loaded {name}.", [*values, *weights, config.prompts]
 
 
 def discover_models(folder: str | Path = "") -> list[str]:
@@ -140,6 +146,11 @@ def discover_models(folder: str | Path = "") -> list[str]:
 def _file_path(upload) -> str | None:
     # Gradio 4+ passes a path; Gradio 3 a temp-file object with .name
     return getattr(upload, "name", upload) or None
+
+
+def _file_name(upload) -> str:
+    # the name the user's file had: Gradio 3 keeps it as .orig_name, Gradio 4+ as the temporary copy's file name
+    return Path(getattr(upload, "orig_name", None) or _file_path(upload) or "").name
 
 
 PHASE_WORDS = {"sampling": "sampling images", "reference": "reference pass", "optimization": "updating the LoRA"}
@@ -243,8 +254,10 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
                     rows(field_specs(ADVANCED), 2)
                 with gr.Row():
                     save = gr.Button("save config")
-                    load = gr.File(label="load config (.toml, .json)", file_types=[".toml", ".json"])
+                    load = gr.File(label="load config (.toml, .json)", file_types=[".toml", ".json"],
+                                   elem_id="prdp_load_config")
                     config_file = gr.File(label="saved config", interactive=False)
+                config_message = gr.Markdown(elem_id="prdp_config_message")  # beside the buttons that caused it
             with gr.Column():
                 with gr.Row():
                     start = gr.Button("start", variant="primary")
@@ -277,10 +290,8 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
             return list(values[:n]), list(values[n:n + m]), *values[n + m:]
 
         def load_config(upload):
-            try:
-                return state.load_config(upload)
-            except PrdpError as exc:  # the form keeps what it had; the message shows as a notice
-                raise gr.Error(f"Not loaded: {exc}") from None
+            note, values = state.load_config(upload)
+            return [note, *(values or [gr.update()] * (len(fields) + len(weights) + 1))]  # a failure changes no field
 
         def as_updates(callback):
             @functools.wraps(callback)
@@ -295,8 +306,8 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
         resume.click(state.resume, inputs=resume_dir, outputs=message)
         export.click(as_updates(state.export), inputs=[export_name, export_format, export_dtype],
                      outputs=[message, exported])
-        save.click(lambda *v: state.save_config(*split(v)), inputs=form, outputs=[message, config_file])
-        load.upload(load_config, inputs=load, outputs=[*fields, *weights, builtin])
+        save.click(lambda *v: state.save_config(*split(v)), inputs=form, outputs=[config_message, config_file])
+        load.upload(load_config, inputs=load, outputs=[config_message, *fields, *weights, builtin])
         outputs = [status, log, curve, gallery, before_after, seen]
         # hidden: a progress overlay every second would make the outputs flicker
         if hasattr(gr, "Timer"):  # Gradio >= 4.40
