@@ -114,7 +114,7 @@ class RunSession:
         """Continue a stopped (or crashed) run from its last checkpoint; `changes` as Trainer.resume allows."""
         from .trainer import Trainer
 
-        self._launch(lambda on_event: Trainer.resume(run_dir, on_event, **changes))
+        self._launch(lambda on_event: Trainer.resume(run_dir, on_event, **changes), continues=Path(run_dir))
 
     def stop(self) -> None:
         """Ask the run to stop at the next chunk; it checkpoints, exports what it has and ends as "stopped"."""
@@ -139,7 +139,7 @@ class RunSession:
                            eval_sets=list(self._state.eval_sets))
 
     # ------------------------------------------------------------------------------------------ the thread
-    def _launch(self, make_trainer: Callable) -> None:
+    def _launch(self, make_trainer: Callable, continues: Path | None = None) -> None:
         if not _RUN_LOCK.acquire(blocking=False):
             raise BusyError("a training run is already in progress in this process; stop it or wait for it to "
                             "finish, then start again.")
@@ -150,8 +150,12 @@ class RunSession:
             raise
         self._stop = threading.Event()
         with self._guard:
-            self._state = Snapshot(status="running", epochs=trainer.config.epochs, phase=WAITING_FOR_GPU,
-                                   started_at=time.time())
+            shown, self._state = self._state, Snapshot(status="running", epochs=trainer.config.epochs,
+                                                       phase=WAITING_FOR_GPU, started_at=time.time())
+            if continues is not None and shown.run_dir is not None and shown.run_dir.resolve() == continues.resolve():
+                # the run on screen goes on: its log and latest samples stay until new ones come
+                self._state.log, self._state.logged = shown.log, shown.logged
+                self._state.samples, self._state.sampled = shown.samples, shown.sampled
         self._thread = threading.Thread(target=self._run, args=(trainer, self._stop), name="prdp-run", daemon=True)
         self._thread.start()
 

@@ -121,7 +121,7 @@ def test_toy_run_export_and_lora_card_in_the_webui(webui, browser):
 
     set_field(page, "export_name", "webui_lora")
     page.get_by_role("button", name="export", exact=True).click()
-    expect(message).to_contain_text("<lora:webui_lora:1>", timeout=60_000)
+    expect(page.locator("#prdp_export_message").last).to_contain_text("<lora:webui_lora:1>", timeout=60_000)
     lora = data / "models" / "Lora" / "webui_lora.safetensors"
     assert lora.is_file() and lora.with_suffix(".json").is_file() and (lora.parent / "webui_lora.preview.png").is_file()
     assert list((data / "outputs" / "prdp").iterdir()), "the run folder is under the webui's outputs"

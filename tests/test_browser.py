@@ -122,16 +122,19 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
     expect(page.locator("#prdp_log textarea")).to_have_value(
         re.compile(f"resumed after epoch {stopped_at}"), timeout=30_000)
 
+    export_message = page.locator("#prdp_export_message").last  # beside the export button
     set_field(page, "export_name", "../escape")
     page.get_by_role("button", name="export", exact=True).click()
-    expect(message).to_contain_text("Not exported: LoRA name", timeout=60_000)
+    expect(export_message).to_contain_text("Not exported: LoRA name", timeout=60_000)
+    button = page.get_by_role("button", name="export", exact=True).bounding_box()
+    assert abs(export_message.bounding_box()["y"] - button["y"]) < 150  # seen where the user clicked
     set_field(page, "export_name", "browser_lora")
     page.get_by_role("button", name="export", exact=True).click()
-    expect(message).to_contain_text("Saved", timeout=60_000)
+    expect(export_message).to_contain_text("Saved", timeout=60_000)
     link = page.locator("#prdp_exported a").first
     expect(link).to_be_visible(timeout=30_000)
     page.get_by_role("button", name="export", exact=True).click()  # the same name again: refused, the link stays
-    expect(message).to_contain_text("already exists", timeout=60_000)
+    expect(export_message).to_contain_text("already exists", timeout=60_000)
     expect(link).to_be_visible()
     page.wait_for_timeout(1500)  # one more poll, so the screenshot shows the final state
     page.screenshot(path=str(tmp_path / "finished_run.png"), full_page=True)

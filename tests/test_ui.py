@@ -107,7 +107,9 @@ def test_stop_and_resume_from_the_tab(tab, tiny_config):
     tab.start(*form_of(tab, TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 3})))
     assert tab.session.wait(600) and stopped[0].startswith("Stopping")
     assert tab.poll()[0].startswith("**stopped** · 1 of 3 epochs")
+    log, samples = tab.poll()[1], tab.session.snapshot().samples
     assert tab.resume("").startswith("Resuming ")  # empty: the last run
+    assert tab.poll()[1].startswith(log) and tab.session.snapshot().samples == samples  # the log and gallery stay
     assert tab.session.wait(600) and tab.poll()[0].startswith("**finished** · 3 of 3 epochs")
     assert tab.resume(str(tab.context.output_dir / "nothing-here")).startswith("Not resumed: ")
 

@@ -279,6 +279,7 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
                     export_format = gr.Dropdown(choices=list(EXPORT_FORMATS), value="kohya", label="format")
                     export_dtype = gr.Dropdown(choices=list(EXPORT_DTYPES), value="fp16", label="dtype")
                 export = gr.Button("export")
+                export_message = gr.Markdown(elem_id="prdp_export_message")  # beside the button that caused it
                 exported = gr.File(label="exported LoRA", interactive=False, elem_id="prdp_exported")
         seen = gr.State(None)  # per browser tab: the key of the pictures it shows
 
@@ -305,7 +306,7 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
         stop.click(state.stop, outputs=message)
         resume.click(state.resume, inputs=resume_dir, outputs=message)
         export.click(as_updates(state.export), inputs=[export_name, export_format, export_dtype],
-                     outputs=[message, exported])
+                     outputs=[export_message, exported])
         save.click(lambda *v: state.save_config(*split(v)), inputs=form, outputs=[config_message, config_file])
         load.upload(load_config, inputs=load, outputs=[config_message, *fields, *weights, builtin])
         outputs = [status, log, curve, gallery, before_after, seen]
