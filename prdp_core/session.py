@@ -207,7 +207,7 @@ def list_runs(folder: str | Path) -> list[RunFolder]:
     runs = []
     for path in Path(folder).iterdir() if Path(folder).is_dir() else ():
         latest = checkpoints.latest_checkpoint(path)
-        config = _read_config(path) if latest is not None else None
+        config = read_run_config(path) if latest is not None else None
         if config is None:
             continue
         done = checkpoints.checkpoint_epoch(latest)
@@ -228,7 +228,8 @@ def matching_runs(folder: str | Path, config: TrainConfig, ignore: tuple[str, ..
     return [run for run in list_runs(folder) if identity(run.config) == wanted]
 
 
-def _read_config(run_dir: Path) -> TrainConfig | None:
+def read_run_config(run_dir: Path) -> TrainConfig | None:
+    """The config a run folder saved, or None where there is none that loads."""
     from .trainer import CONFIG_FILE
 
     try:

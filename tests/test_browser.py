@@ -145,6 +145,12 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
     download.value.save_as(downloaded)
     assert downloaded.read_bytes() == (loras / "browser_lora.safetensors").read_bytes()
 
+    page.reload()  # the reloaded page shows the settings of the run it reports, not the defaults
+    if mounted:
+        click_tab(page, HOST_TAB)
+    expect(page.locator("#prdp_epochs input")).to_have_value(str(EPOCHS), timeout=30_000)
+    expect(page.locator("#prdp_num_steps input")).to_have_value("6")
+
     _assert_loads_in_diffusers(downloaded)
     assert "Traceback" not in log.read_text()
 

@@ -108,6 +108,8 @@ def test_stop_and_resume_from_the_tab(tab, tiny_config):
     assert tab.session.wait(600) and stopped[0].startswith("Stopping")
     assert tab.poll()[0].startswith("**stopped** · 1 of 3 epochs")
     log, samples = tab.poll()[1], tab.session.snapshot().samples
+    values, weights, prompts, _, _ = form_of(tab, TrainConfig.load(tab.session.snapshot().run_dir / "config.toml"))
+    assert tab.run_form() == [*values, *weights, prompts] and values[FIELDS.index("epochs")] == 3  # after a reload
     assert tab.resume("").startswith("Resuming ")  # empty: the last run
     assert tab.poll()[1].startswith(log) and tab.session.snapshot().samples == samples  # the log and gallery stay
     assert tab.session.wait(600) and tab.poll()[0].startswith("**finished** · 3 of 3 epochs")
@@ -161,8 +163,8 @@ def test_tab_builds_and_wires_its_events():
     blocks = build_tab(HostContext())
     names = [getattr(fn, "name", "") or name(fn.fn) for fn in blocks.fns.values()] \
         if isinstance(blocks.fns, dict) else [name(fn.fn) for fn in blocks.fns]
-    assert len(names) == 7  # start, stop, resume, export, save, load, poll
-    assert {"stop", "resume", "export", "load_config", "poll"} <= set(names)
+    assert len(names) == 8  # start, stop, resume, export, save, load, poll, the run's form on page load
+    assert {"stop", "resume", "export", "load_config", "poll", "run_form"} <= set(names)
 
 
 def test_prdp_ui_serves_on_this_machine_only_by_default(monkeypatch, tmp_path):

@@ -18,7 +18,7 @@ from prdp_core.export import export_lora, run_thumbnail
 from prdp_core.plots import line_plot
 from prdp_core.prompts import builtin_prompt_sets
 from prdp_core.rewards import reward_names
-from prdp_core.session import WAITING_FOR_GPU, RunSession, Snapshot
+from prdp_core.session import WAITING_FOR_GPU, RunSession, Snapshot, read_run_config
 
 from .form import ADVANCED, BASIC, FIELDS, REWARD, config_to_form, form_to_config, prompt_source
 
@@ -129,6 +129,17 @@ class TabState:
             return f"Not loaded: {reason if name in reason else f'{name}: {reason}'}", None
         values, weights = config_to_form(config, FIELDS, self.rewards)
         return f"Loaded {name}.", [*values, *weights, config.prompts]
+
+
+    def run_form(self) -> list:
+        """The form's values for the run on screen, so that a reloaded page shows the settings of the run it
+        reports; UNCHANGED for each output while there is no run."""
+        run_dir = self.session.snapshot().run_dir
+        config = read_run_config(run_dir) if run_dir else None
+        if config is None:
+            return [UNCHANGED] * (len(FIELDS) + len(self.rewards) + 1)
+        values, weights = config_to_form(config, FIELDS, self.rewards)
+        return [*values, *weights, config.prompts]
 
 
 def discover_models(folder: str | Path = "") -> list[str]:
@@ -309,6 +320,7 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
                      outputs=[export_message, exported])
         save.click(lambda *v: state.save_config(*split(v)), inputs=form, outputs=[config_message, config_file])
         load.upload(load_config, inputs=load, outputs=[config_message, *fields, *weights, builtin])
+        blocks.load(as_updates(state.run_form), outputs=[*fields, *weights, builtin])
         outputs = [status, log, curve, gallery, before_after, seen]
         # hidden: a progress overlay every second would make the outputs flicker
         if hasattr(gr, "Timer"):  # Gradio >= 4.40
