@@ -9,6 +9,7 @@ CPU, Forge: its memory manager unloads everything) and comes back after the run 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import sys
@@ -131,21 +132,23 @@ def add_settings() -> None:
         shared.opts.add_option(key, info.needs_reload_ui())
 
 
-_sessions = []  # the one RunSession of this webui process, kept when Reload UI builds the tab again
+@functools.cache
+def run_session():
+    """The one RunSession of this webui process, kept when Reload UI builds the tab again."""
+    from prdp_core.session import RunSession
+
+    return RunSession(gpu_lock=hold_gpu)
 
 
 def ui_tabs() -> list:
     try:
         import_tab()
-        import diffusers  # noqa: F401  (the libraries a run needs, imported now so that a conflict shows here)
+        # the libraries a run needs, imported now so that a conflict shows here and not at the first start
         import peft  # noqa: F401
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: F401
-        from prdp_core.session import RunSession
         from prdp_ui import build_tab
 
-        if not _sessions:
-            _sessions.append(RunSession(gpu_lock=hold_gpu))
-        blocks = build_tab(host_context(), _sessions[0])
+        blocks = build_tab(host_context(), run_session())
     except Exception as exc:  # the webui must keep starting: the tab says what is wrong instead
         log.warning("PRDP tab unavailable", exc_info=True)
         blocks = message_tab(dependency_message(exc))
@@ -170,7 +173,7 @@ def message_tab(text: str):
 
 def run_status() -> dict:
     """GET /prdp-lora/status, for javascript/prdp_lora.js: whether a PRDP run holds the webui's queue lock."""
-    return {"running": any(session.running for session in _sessions)}
+    return {"running": run_session.cache_info().currsize > 0 and run_session().running}  # no tab, no run
 
 
 def add_routes(demo, app) -> None:
