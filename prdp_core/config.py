@@ -162,6 +162,10 @@ class TrainConfig:
     lora_name: str = _field("", "File name of the exported LoRA (no folders); empty means prdp_<run name>.", "run")
     keep_checkpoints: int = _field(2, "How many epoch checkpoints to keep (the latest ones).", "run", minimum=1)
 
+    def trained_steps(self) -> int:
+        """How many sampling steps, noisiest first, the objective trains on (train_step_fraction of num_steps)."""
+        return max(1, math.ceil(self.train_step_fraction * self.num_steps - 1e-9))
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first bad field and the fix; return self when all is well."""

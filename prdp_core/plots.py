@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Collection, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -21,12 +21,15 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], captions: Sequence[Sequenc
     caption_h = 14 if captions else 0
     title_h = 16 if row_titles else 0
     cols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (cols * (cell + 4) + 4, len(rows) * (cell + caption_h + title_h + 4) + 4), "white")
+    titles = [title[:120] for title in row_titles or ()]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max([cols * (cell + 4) + 4] + [int(measure.textlength(title, font=font)) + 8 for title in titles])
+    grid = Image.new("RGB", (width, len(rows) * (cell + caption_h + title_h + 4) + 4), "white")
     draw = ImageDraw.Draw(grid)
     y = 4
     for r, row in enumerate(rows):
         if row_titles:
-            draw.text((4, y), row_titles[r][:120], fill="black", font=font)
+            draw.text((4, y), titles[r], fill="black", font=font)
             y += title_h
         for c, image in enumerate(row):
             x = 4 + c * (cell + 4)
@@ -38,8 +41,11 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], captions: Sequence[Sequenc
 
 
 def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, x_label: str = "epoch",
-              bands: dict[str, Sequence[float]] | None = None, size: tuple[int, int] = (640, 360)) -> Image.Image:
-    """Lines {name: (xs, ys)} on shared axes, with optional +-band {name: half-widths}, a legend and tick labels."""
+              bands: dict[str, Sequence[float]] | None = None, size: tuple[int, int] = (640, 360),
+              x_range: tuple[float, float] | None = None, squares: Collection[str] = ()) -> Image.Image:
+    """Lines {name: (xs, ys)} on shared axes, with optional +-band {name: half-widths}, a legend and tick labels.
+    `x_range` widens the x axis to at least that span (a run's epochs, so one point is not the whole plot); the
+    series in `squares` get square markers (measured points apart from the others' dots)."""
     width, height = size
     left, right, top, bottom = 64, 16, 28, 40
     image = Image.new("RGB", size, "white")
@@ -54,14 +60,17 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
     if not points:
         draw.text((left, height // 2), "no data yet", fill="gray", font=font)
         return image
-    x_min, x_max = min(p[0] for p in points), max(p[0] for p in points)
+    xs_all = [p[0] for p in points] + list(x_range or ())
+    x_min, x_max = min(xs_all), max(xs_all)
     y_min, y_max = min(p[1] for p in points), max(p[1] for p in points)
     x_max = x_max if x_max > x_min else x_min + 1
     if y_max == y_min:  # a flat line sits mid-plot, with readable ticks around it
         y_min, y_max = y_min - 0.5, y_max + 0.5
 
+    pad = 8  # points at the ends of the x axis are drawn whole, inside the frame
+
     def to_px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x_min) / (x_max - x_min) * (width - left - right),
+        return (left + pad + (x - x_min) / (x_max - x_min) * (width - left - right - 2 * pad),
                 height - bottom - (y - y_min) / (y_max - y_min) * (height - top - bottom))
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
@@ -69,7 +78,7 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
         _, py = to_px(x_min, y)
         draw.line([left - 4, py, left, py], fill="black")
         draw.text((4, py - 6), f"{y:.4g}", fill="black", font=font)
-    for x in _ticks(x_min, x_max, integers=all(float(p[0]).is_integer() for p in points)):
+    for x in _ticks(x_min, x_max, integers=all(float(x).is_integer() for x in xs_all)):
         px, _ = to_px(x, y_min)
         draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
         draw.text((px - 8, height - bottom + 6), f"{x:.4g}", fill="black", font=font)
@@ -82,9 +91,12 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
         pixels = [to_px(x, y) for x, y in zip(xs, ys)]
         if len(pixels) > 1:
             draw.line(pixels, fill=colour, width=2)
+        shape, r = (draw.rectangle, 4) if name in squares else (draw.ellipse, 3)
         for px, py in pixels:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        draw.text((width - right - 200, top + 4 + 12 * k), f"- {name}", fill=colour, font=font)
+            shape([px - r, py - r, px + r, py + r], fill=colour)
+        shape([width - right - 208 - r, top + 10 + 14 * k - r, width - right - 208 + r, top + 10 + 14 * k + r],
+              fill=colour)
+        draw.text((width - right - 200, top + 4 + 14 * k), name, fill=colour, font=font)
     return image
 
 

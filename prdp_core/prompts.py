@@ -85,3 +85,18 @@ def draw_prompts(prompts: Sequence[str], count: int, seed: int, epoch: int) -> l
     rng = np.random.default_rng([seed, epoch])
     index = rng.choice(len(prompts), size=count, replace=len(prompts) < count)
     return [prompts[i] for i in index]
+
+
+def evaluation_sets(train_prompts: Sequence[str], eval_source: str, max_prompts: int) -> dict[str, list[str]]:
+    """What every evaluation samples: "seen" (training prompts) and, given `eval_source`, "unseen" (held-out ones),
+    each at most `max_prompts` (0: all) evenly spaced through its set, since sets are often sorted by subject."""
+    sets = {"seen": _spread(list(train_prompts), max_prompts)}
+    if eval_source:
+        sets["unseen"] = _spread(load_prompts(eval_source), max_prompts)
+    return sets
+
+
+def _spread(prompts: list[str], count: int) -> list[str]:
+    if not count or count >= len(prompts):
+        return list(prompts)
+    return [prompts[i * len(prompts) // count] for i in range(count)]

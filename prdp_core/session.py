@@ -18,8 +18,9 @@ from typing import Any, Callable, ContextManager
 
 from .config import TrainConfig
 from .errors import PrdpError
+from .estimate import RunWork, run_work
 from .events import (CheckpointWritten, EpochEnd, EpochSampled, Evaluated, Event, Failed, Finished, Progress,
-                     RunStarted)
+                     RunStarted, StepMetrics)
 
 log = logging.getLogger("prdp")
 
@@ -52,6 +53,12 @@ class Snapshot:
     lora_path: Path | None = None
     started_at: float = 0.0  # time.time() when the run was started (its wait for the GPU included)
     ended_at: float = 0.0  # time.time() when it finished, stopped or failed; 0 while it runs
+    work: RunWork | None = None  # the run's UNet work, for the progress fraction and the time left
+    work_started_at: float = 0.0  # time.time() when the trainer began working (model loaded, GPU held)
+    work_at_start: float = 0.0  # work done by then (a resumed run's earlier epochs)
+    update: int = 0  # the update in progress of an epoch's optimisation, from 1
+    updates: int = 0  # updates per epoch
+    stopping: bool = False  # a stop was asked for and the run has not ended yet
 
     def elapsed(self, now: float | None = None) -> float:
         """Seconds since the run started, up to its end."""
@@ -59,35 +66,30 @@ class Snapshot:
             return 0.0
         return (self.ended_at or (time.time() if now is None else now)) - self.started_at
 
-    def fraction(self) -> float:
-        """How much of the run is done, in [0, 1], for a progress bar: the evaluation before training, each epoch
-        and the evaluation after it count as one stage each (an epoch's sampling, reference and optimisation
-        passes as a third each). It never decreases within a new run; a resumed run also recomputes its "before"
-        images after the "after" evaluation, which a bar shows as a second pass of the last stage."""
-        if self.status in ("finished", "stopped"):
-            return 1.0
-        if self.phase == WAITING_FOR_GPU:
+    def work_done(self) -> float:
+        """UNet work done, in the image-steps of `work` (see estimate.py)."""
+        if self.work is None or self.phase == WAITING_FOR_GPU:
             return 0.0
-        stages = self.epochs + 2
-        within = self.phase_done / self.phase_total if self.phase_total else 0.0
-        if not self.phase:  # between phases: at the end of the stages done so far
-            if "after" in self.evaluations:
-                return 1.0
-            return (1 + self.epoch) / stages if self.epoch or "before" in self.evaluations else 0.0
-        if self.phase.startswith("eval"):
-            name = self.phase[len("eval "):]
-            if name in self.eval_sets:  # each set of the evaluation is a part of it
-                within = (self.eval_sets.index(name) + within) / len(self.eval_sets)
-            if self.epoch >= self.epochs:
-                return (self.epochs + 1 + within) / stages
-            if self.epoch == 0 and "before" not in self.evaluations:
-                return within / stages
-            return (1 + self.epoch) / stages  # an evaluation between epochs (eval_every)
-        passes = _EPOCH_PASSES.index(self.phase) if self.phase in _EPOCH_PASSES else 0
-        return (1 + self.epoch + (passes + within) / len(_EPOCH_PASSES)) / stages
+        if self.status == "finished":
+            return self.work.total
+        return self.work.done(self.epoch, self.evaluations, self.phase, self.phase_done, self.phase_total)
+
+    def fraction(self) -> float:
+        """How much of the run's work is done, in [0, 1], for a progress bar."""
+        return self.work_done() / self.work.total if self.work is not None and self.work.total else 0.0
+
+    def seconds_left(self, now: float | None = None) -> float | None:
+        """The run's estimated remaining time at its pace since it began work (model loading excluded), or None
+        until there is a pace to go by."""
+        if self.status != "running" or not self.work_started_at or self.work is None:
+            return None
+        spent = (time.time() if now is None else now) - self.work_started_at
+        progressed = self.work_done() - self.work_at_start
+        if spent < 2.0 or progressed <= 0:
+            return None
+        return (self.work.total - self.work_done()) * spent / progressed
 
 
-_EPOCH_PASSES = ("sampling", "reference", "optimization")
 WAITING_FOR_GPU = "waiting for the GPU"  # the phase of a started run until the host's gpu_lock lets it begin
 
 
@@ -120,6 +122,8 @@ class RunSession:
         """Ask the run to stop at the next chunk; it checkpoints, exports what it has and ends as "stopped"."""
         if self._stop is not None and not self._stop.is_set():
             self._stop.set()
+            with self._guard:
+                self._state.stopping = True
             self._log("stopping after the current step...")
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -150,12 +154,15 @@ class RunSession:
             raise
         self._stop = threading.Event()
         with self._guard:
+            work = run_work(trainer.config, {name: len(prompts) for name, prompts in trainer.eval_sets.items()})
             shown, self._state = self._state, Snapshot(status="running", epochs=trainer.config.epochs,
-                                                       phase=WAITING_FOR_GPU, started_at=time.time())
+                                                       phase=WAITING_FOR_GPU, started_at=time.time(), work=work,
+                                                       updates=trainer.config.updates_per_epoch)
             if continues is not None and shown.run_dir is not None and shown.run_dir.resolve() == continues.resolve():
                 # the run on screen goes on: its log and latest samples stay until new ones come
                 self._state.log, self._state.logged = shown.log, shown.logged
                 self._state.samples, self._state.sampled = shown.samples, shown.sampled
+                self._state.evaluations = shown.evaluations
         self._thread = threading.Thread(target=self._run, args=(trainer, self._stop), name="prdp-run", daemon=True)
         self._thread.start()
 
@@ -170,6 +177,7 @@ class RunSession:
                 if unreported:
                     reason, run_dir = f"{type(exc).__name__}: {exc}", self._state.run_dir
                     self._state.status, self._state.phase, self._state.ended_at = "failed", "", time.time()
+                    self._state.stopping = False
                     self._state.error = (
                         f"the host could not hand its GPU over to the run ({reason}); restart the host, then start "
                         f"again." if run_dir is None else f"the run stopped on an unexpected error ({reason}); "
@@ -256,10 +264,15 @@ def _apply(state: Snapshot, event: Event) -> None:
 
             lines = (event.run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
             state.curve = [_curve_row(m) for m in map(json.loads, filter(str.strip, lines)) if "reward_mean" in m]
+        state.work_started_at, state.work_at_start = time.time(), state.work_done()
         _append_log(state, f"run folder {event.run_dir}; LoRA on {event.lora_modules} modules"
                            + (f"; resumed after epoch {event.start_epoch}" if event.start_epoch else ""))
     elif isinstance(event, Progress):
+        if event.phase == "optimization" and state.phase != "optimization":
+            state.update = 1
         state.phase, state.phase_done, state.phase_total = event.phase, event.done, event.total
+    elif isinstance(event, StepMetrics):
+        state.update = min(event.update + 2, state.updates)  # the update after the one just made
     elif isinstance(event, EpochSampled):
         state.samples = [(image, f"{reward:.4g} | {prompt}")
                          for image, reward, prompt in zip(event.images, event.rewards, event.prompts)]
@@ -276,11 +289,12 @@ def _apply(state: Snapshot, event: Event) -> None:
     elif isinstance(event, CheckpointWritten):
         _append_log(state, f"checkpoint {event.path.name}")
     elif isinstance(event, Finished):
-        state.status = "stopped" if event.cancelled else "finished"
+        state.status, state.stopping = "stopped" if event.cancelled else "finished", False
         state.lora_path, state.phase, state.ended_at = event.lora_path, "", time.time()
         _append_log(state, f"{state.status}; LoRA {event.lora_path}" if event.lora_path else state.status)
     elif isinstance(event, Failed):
         state.status, state.error, state.phase, state.ended_at = "failed", event.message, "", time.time()
+        state.stopping = False
         _append_log(state, f"failed: {event.message}")
 
 

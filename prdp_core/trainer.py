@@ -37,7 +37,7 @@ from .models import (add_lora, apply_memory_options, load_pipeline, lora_disable
                      model_info, resolve_device)
 from .objectives import EpochBatch, make_objective
 from .plots import image_grid, line_plot
-from .prompts import draw_prompts, load_prompts
+from .prompts import draw_prompts, evaluation_sets, load_prompts
 from .rewards import RewardMix
 from .sampling import PhaseMeter, Sampler, Trajectories, chunk_generator, to_pil
 from .stat_tracking import PerPromptStatTracker
@@ -67,15 +67,13 @@ class Trainer:
         self.resume_dir = Path(resume_dir) if resume_dir else None
         # Cheap checks first, so bad prompts or reward names fail before a model is loaded.
         self.train_prompts = load_prompts(config.prompts)
-        self.eval_sets = {"seen": _spread(self.train_prompts, config.eval_max_prompts)}
-        if config.eval_prompts:
-            self.eval_sets["unseen"] = _spread(load_prompts(config.eval_prompts), config.eval_max_prompts)
+        self.eval_sets = evaluation_sets(self.train_prompts, config.eval_prompts, config.eval_max_prompts)
         self.device = resolve_device(config.device)
         self.reward_mix = RewardMix(config.rewards, device=self.device, dtype=config.reward_dtype,
                                     options=config.reward_options, normalization=config.reward_normalization)
         self.objective = make_objective(config)
         # The noisiest steps come first; the objective sees log-probs of the first `trained_steps` of them.
-        self.trained_steps = max(1, math.ceil(config.train_step_fraction * config.num_steps - 1e-9))
+        self.trained_steps = config.trained_steps()
         self.tracker = PerPromptStatTracker() if self.objective.needs_advantages else None
         self.run_dir: Path | None = None
         self.meter: PhaseMeter | None = None
@@ -568,13 +566,6 @@ def _epoch_of(line: str) -> float:
         return json.loads(line)["epoch"]
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-def _spread(prompts: list[str], count: int) -> list[str]:
-    """`count` prompts evenly spaced through the list (all of them for 0): sets are often sorted by subject."""
-    if not count or count >= len(prompts):
-        return list(prompts)
-    return [prompts[i * len(prompts) // count] for i in range(count)]
 
 
 def _memory_advice(config: TrainConfig, phase: str | None = None) -> str:

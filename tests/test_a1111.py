@@ -119,7 +119,7 @@ def test_a_run_holds_the_queue_lock_with_the_host_model_moved_away_and_back(webu
     assert not call_queue.queue_lock.locked()  # the webui's generations run again
     assert status.get("/prdp-lora/status").json() == {"running": False}
     _, rebuilt = tab_state(webui)  # Reload UI: the new tab shows the same session, and its finished run
-    assert rebuilt.session is state.session and rebuilt.poll()[0].startswith("**finished**")
+    assert rebuilt.session is state.session and rebuilt.poll().status.startswith("<b>finished</b>")
 
 
 def test_a_run_waits_for_the_webuis_generation_and_a_failed_one_gives_the_gpu_back(webui, tiny_config):
@@ -131,7 +131,7 @@ def test_a_run_waits_for_the_webuis_generation_and_a_failed_one_gives_the_gpu_ba
     with call_queue.queue_lock:  # the webui is generating: the run waits, and says so
         state.session.start(type(tiny_config).from_dict({**tiny_config.to_dict(), "model": str(webui.checkpoint)}))
         time.sleep(0.5)
-        assert state.poll()[0].startswith("**running** · waiting for the GPU") and model.moves == []
+        assert state.poll().status.startswith("<b>running</b> · waiting for the GPU") and model.moves == []
     state.session.wait(60)
     snapshot = state.session.snapshot()
     assert snapshot.status == "failed" and "dreamy.safetensors" in snapshot.error  # the file does not exist
@@ -170,10 +170,10 @@ def test_export_lands_in_the_lora_folder_with_its_card_and_refreshes_the_webuis_
     state.session.wait(120)
     message, path = state.export("sunny", "kohya", "fp16")
     lora = webui.base / "models" / "Lora" / "sunny.safetensors"
-    assert path == str(lora) and message.endswith("`<lora:sunny:1>`.")
+    assert path == str(lora) and message.text.endswith("`<lora:sunny:1>`.")
     assert lora.with_suffix(".json").is_file() and (lora.parent / "sunny.preview.png").is_file()
     assert refreshed == [True]
-    assert state.export("../sunny", "kohya", "fp16")[0].startswith("Not exported: LoRA name")
+    assert state.export("../sunny", "kohya", "fp16")[0].text.startswith("Not exported: LoRA name")
 
 
 def test_missing_libraries_give_a_tab_that_says_how_to_fix_them(webui, monkeypatch):

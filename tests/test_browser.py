@@ -89,35 +89,53 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
     page.goto(url)
     if mounted:
         click_tab(page, HOST_TAB)
+    estimate = page.locator("#prdp_estimate").last
+    expect(estimate).to_contain_text("the evaluation samples", timeout=60_000)  # its size in plain view
+    expect(page.locator("#prdp_stop button, button#prdp_stop").first).to_be_disabled()  # nothing to stop yet
+    expect(page.locator("#prdp_export button, button#prdp_export").first).to_be_disabled()
+    page.screenshot(path=str(tmp_path / "first_view.png"), full_page=True)
+    page.get_by_role("button", name=re.compile("quick-try settings")).click()
+    expect(page.locator("#prdp_epochs input")).to_have_value("2", timeout=30_000)
     # a config file that does not load changes no field and says what is wrong, with the user's file name
     set_field(page, "seed", 7)
     broken = tmp_path / "broken.toml"
     broken.write_text("epochs = \n")
     page.locator("#prdp_load_config input[type=file]").set_input_files(str(broken))
-    expect(page.locator("#prdp_config_message").last).to_contain_text("Not loaded: config file broken.toml is not "
-                                                                      "valid TOML", timeout=30_000)
+    config_message = page.locator("#prdp_config_message .prdp-error")  # styled as an error
+    expect(config_message).to_contain_text("Not loaded: config file broken.toml is not valid TOML", timeout=30_000)
     assert page.locator("#prdp_seed input").input_value() == "7"
     page.screenshot(path=str(tmp_path / "bad_upload.png"), full_page=True)
     status, message = start_short_toy_run(page, EPOCHS)
-    # counted from 1, in words, with the time taken; "epoch 2 of": the first epoch is done
-    expect(status).to_contain_text(re.compile(r"epoch 2 of \d+.*elapsed"), timeout=120_000)
+    expect(page.locator("#prdp_start button, button#prdp_start").first).to_be_disabled()  # one run at a time
+    expect(status).to_contain_text(f"epoch 1 of {EPOCHS}", timeout=120_000)  # counted from 1, in words
+    expect(status.locator(".prdp-progress")).to_have_count(1)
+    expect(status).to_contain_text(re.compile(r"elapsed · about \d+:\d\d left"), timeout=60_000)
+    expect(status).to_contain_text(f"epoch 2 of {EPOCHS}", timeout=120_000)  # the first epoch is done
+    page.screenshot(path=str(tmp_path / "running_run.png"), full_page=True)
     # the toy model draws its captions in this Python too (a text encoder that failed to load scores about 0)
     before = re.search(r"evaluation before: seen ([0-9.e-]+)", page.locator("#prdp_log textarea").input_value())
     assert before and float(before[1]) > 0.2, page.locator("#prdp_log textarea").input_value()
     page.get_by_role("button", name="stop", exact=True).click()
+    expect(message).to_contain_text("Stopping", timeout=30_000)
     expect(status).to_contain_text("stopped", timeout=120_000)
+    expect(message).to_have_text("", timeout=30_000)  # "Stopping..." is no longer true
     stopped_at = int(re.search(r"stopped · (\d+) of", status.inner_text())[1])
     assert 1 <= stopped_at < EPOCHS, status.inner_text()
-    # the live views were filled while it ran: a curve image and the epoch's samples
+    # the live views were filled while it ran: a curve image and the epoch's samples, with their prompts in full
     curve = page.locator("#prdp_curve img")
     expect(curve).to_have_count(1)
     assert page.locator("#prdp_gallery img").count() >= 2
+    expect(page.locator("#prdp_captions li").first).to_contain_text(re.compile(r"images 1–2: .{25,} · rewards"))
     curve_when_stopped = curve.get_attribute("src")
 
     page.get_by_role("button", name="resume", exact=True).click()
     expect(message).to_contain_text("Resuming", timeout=60_000)
     expect(status).to_contain_text(f"finished · {EPOCHS} of {EPOCHS} epochs", timeout=300_000)
-    expect(page.locator("#prdp_before_after img")).to_have_count(1, timeout=30_000)
+    grid = page.locator("#prdp_before_after img")
+    expect(grid).to_have_count(1, timeout=30_000)
+    page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=grid.element_handle(), timeout=30_000)
+    shown, natural = grid.evaluate("el => [el.getBoundingClientRect().width, el.naturalWidth]")
+    assert shown >= 0.9 * natural, (shown, natural)  # the before/after grid at its own size: its labels read
     expect(curve).not_to_have_attribute("src", curve_when_stopped, timeout=30_000)  # redrawn with the new epochs
     expect(page.locator("#prdp_log textarea")).to_have_value(
         re.compile(f"resumed after epoch {stopped_at}"), timeout=30_000)
@@ -126,6 +144,7 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
     set_field(page, "export_name", "../escape")
     page.get_by_role("button", name="export", exact=True).click()
     expect(export_message).to_contain_text("Not exported: LoRA name", timeout=60_000)
+    expect(export_message.locator(".prdp-error")).to_have_count(1)
     button = page.get_by_role("button", name="export", exact=True).bounding_box()
     assert abs(export_message.bounding_box()["y"] - button["y"]) < 150  # seen where the user clicked
     set_field(page, "export_name", "browser_lora")
@@ -135,6 +154,7 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
     expect(link).to_be_visible(timeout=30_000)
     page.get_by_role("button", name="export", exact=True).click()  # the same name again: refused, the link stays
     expect(export_message).to_contain_text("already exists", timeout=60_000)
+    expect(export_message.locator(".prdp-warning")).to_have_count(1)
     expect(link).to_be_visible()
     page.wait_for_timeout(1500)  # one more poll, so the screenshot shows the final state
     page.screenshot(path=str(tmp_path / "finished_run.png"), full_page=True)

@@ -11,7 +11,7 @@ from conftest import needs_diffusers_lora_loading
 from prdp_core.config import TrainConfig
 from prdp_core.errors import ConfigError
 from prdp_ui.form import FIELDS, OWN_WIDGETS, config_to_form, from_widget, prompt_source
-from prdp_ui.tab import UNCHANGED, HostContext, TabState, discover_models
+from prdp_ui.tab import UNCHANGED, HostContext, Notice, TabState, describe_run, discover_models
 
 
 @pytest.fixture
@@ -58,32 +58,46 @@ def test_prompt_sources(tmp_path):
 def test_bad_form_is_a_message_not_an_exception(tab, tiny_config):
     values, weights, *prompts = form_of(tab, tiny_config)
     values[FIELDS.index("epochs")] = 0
-    assert tab.start(values, weights, *prompts).startswith("Not started: epochs")
-    assert tab.start(values, [0.0] * len(weights), *prompts).startswith("Not started: ")  # no reward picked
-    assert tab.stop() == "No run in progress."
-    assert tab.export("x", "kohya", "fp16") == ("Export needs a finished or stopped run.", UNCHANGED)
+    assert tab.start(values, weights, *prompts).text.startswith("Not started: epochs")
+    assert tab.start(values, [0.0] * len(weights), *prompts).kind == "error"  # no reward picked
+    assert tab.stop() == Notice("warning", "No run in progress.")
+    assert tab.export("x", "kohya", "fp16") == (Notice("warning", "Export needs a finished or stopped run."),
+                                                UNCHANGED)
+    assert tab.estimate(values, weights, *prompts).startswith("Cannot estimate this run yet: epochs")
 
 
 @needs_diffusers_lora_loading
 def test_run_poll_export_and_reload_in_diffusers(tab, tiny_config):
     from prdp_core.models import load_pipeline
 
-    assert tab.start(*form_of(tab, TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 2}))) == "Started."
-    assert tab.start(*form_of(tab, tiny_config)).startswith("Not started: a training run is already in progress")
+    assert tab.start(*form_of(tab, TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 2}))) == \
+        Notice("success", "Started.")
+    busy = tab.start(*form_of(tab, tiny_config))
+    assert busy.kind == "warning" and busy.text.startswith("Not started: a training run is already in progress")
+    under = tab.message_state()  # the busy message is true while the run goes on
+    assert tab.poll(None, under).controls == (False, True, False, False)  # only stop can act during a run
     assert tab.session.wait(600)
-    status, log, curve, samples, before_after, key = tab.poll()
-    assert status.startswith("**finished** · 2 of 2 epochs · ")
-    assert curve.size[0] > 100 and samples and before_after.endswith("before_after.png")
-    assert "epoch 2/2" in log
-    assert tab.poll(key)[2:] == (UNCHANGED, UNCHANGED, UNCHANGED, key)  # nothing new: the pictures are not re-sent
+    view = tab.poll(None, under)
+    assert view.status.startswith("<b>finished</b> · 2 of 2 epochs · ")
+    assert view.message == "" and view.message_under is None  # the run ended: "already in progress" is cleared
+    assert view.controls == (True, False, True, True)
+    assert view.curve.size[0] > 100 and view.gallery and view.before_after.endswith("before_after.png")
+    assert "epoch 2/2" in view.log
+    again = tab.poll(view.key)  # nothing new: the pictures and buttons are not re-sent
+    assert again[2:7] == (UNCHANGED,) * 5 and again.key == view.key
+    assert view.estimate is UNCHANGED  # no estimate on screen to redo
+    tab.estimate(*form_of(tab, tiny_config))
+    assert tab.poll((*view.key[:5], (False, True, False, False))).estimate.startswith("<b>about ")  # once a run
+    # ended, the estimate goes by the pace it measured on this machine
 
-    assert tab.export("../escape", "kohya", "fp16")[0].startswith("Not exported: LoRA name")
-    assert tab.export(" ", "kohya", "fp16") == ("Not exported: LoRA name is empty; give it a name.", UNCHANGED)
+    assert tab.export("../escape", "kohya", "fp16")[0].text.startswith("Not exported: LoRA name")
+    assert tab.export(" ", "kohya", "fp16") == (Notice("error", "Not exported: LoRA name is empty; give it a name."),
+                                               UNCHANGED)
     message, path = tab.export("my_lora", "kohya", "fp16")
     assert tab.export("my_lora", "kohya", "fp32") == (  # no silent overwrite; the link to the first file stays
-        f"Not exported: my_lora.safetensors already exists in {tab.context.lora_dir}; choose another name, or delete "
-        f"that file first.", UNCHANGED)
-    assert message == f"Saved {path}; in a prompt of A1111 or Forge it is `<lora:my_lora:1>`."
+        Notice("warning", f"Not exported: my_lora.safetensors already exists in {tab.context.lora_dir}; choose "
+                          f"another name, or delete that file first."), UNCHANGED)
+    assert message == Notice("success", f"Saved {path}; in a prompt of A1111 or Forge it is `<lora:my_lora:1>`.")
     assert path == str(tab.context.lora_dir / "my_lora.safetensors")
     pipe = load_pipeline("builtin:tiny")
     before = pipe.unet.conv_out.weight.sum().item()
@@ -105,15 +119,15 @@ def test_stop_and_resume_from_the_tab(tab, tiny_config):
             stopped.append(tab.stop())
     tab.session._on_change = stop_at_first_epoch
     tab.start(*form_of(tab, TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 3})))
-    assert tab.session.wait(600) and stopped[0].startswith("Stopping")
-    assert tab.poll()[0].startswith("**stopped** · 1 of 3 epochs")
-    log, samples = tab.poll()[1], tab.session.snapshot().samples
+    assert tab.session.wait(600) and stopped[0].text.startswith("Stopping")
+    assert tab.poll().status.startswith("<b>stopped</b> · 1 of 3 epochs")
+    log, samples = tab.poll().log, tab.session.snapshot().samples
     values, weights, prompts, _, _ = form_of(tab, TrainConfig.load(tab.session.snapshot().run_dir / "config.toml"))
     assert tab.run_form() == [*values, *weights, prompts] and values[FIELDS.index("epochs")] == 3  # after a reload
-    assert tab.resume("").startswith("Resuming ")  # empty: the last run
-    assert tab.poll()[1].startswith(log) and tab.session.snapshot().samples == samples  # the log and gallery stay
-    assert tab.session.wait(600) and tab.poll()[0].startswith("**finished** · 3 of 3 epochs")
-    assert tab.resume(str(tab.context.output_dir / "nothing-here")).startswith("Not resumed: ")
+    assert tab.resume("").text.startswith("Resuming ")  # empty: the last run
+    assert tab.poll().log.startswith(log) and tab.session.snapshot().samples == samples  # the log and gallery stay
+    assert tab.session.wait(600) and tab.poll().status.startswith("<b>finished</b> · 3 of 3 epochs")
+    assert tab.resume(str(tab.context.output_dir / "nothing-here")).text.startswith("Not resumed: ")
 
 
 def test_config_file_save_and_load(tab, tiny_config, tmp_path):
@@ -121,20 +135,20 @@ def test_config_file_save_and_load(tab, tiny_config, tmp_path):
                                     "reward_options": {"aesthetic": {"head": "/models/sac_logos_ava1-l14.pth"}}})
     form = form_of(tab, config)
     message, path = tab.save_config(*form)
-    assert message == f"Saved {path}."
+    assert message == Notice("success", f"Saved {path}.")
     message, loaded = tab.load_config(path)
-    assert message == "Loaded prdp_config.toml." and loaded == [*form[0], *form[1], tiny_config.prompts]
+    assert message == Notice("success", "Loaded prdp_config.toml.") and loaded == [*form[0], *form[1], tiny_config.prompts]
     assert TrainConfig.load(path).reward_options == config.reward_options  # the options survive the file
     broken = tmp_path / "gradio-temp-copy" / "broken.toml"  # Gradio 4+ hands over a copy with the user's name
     broken.parent.mkdir()
     broken.write_text("epochs = \n")
     message, loaded = tab.load_config(str(broken))
-    assert loaded is None and message.startswith("Not loaded: config file broken.toml is not valid TOML")
+    assert loaded is None and message.text.startswith("Not loaded: config file broken.toml is not valid TOML")
     two_mistakes = tmp_path / "two.toml"
     two_mistakes.write_text("epochs = 0\nlerning_rate = 0.1\n")
     message, loaded = tab.load_config(str(two_mistakes))
-    assert loaded is None and str(tmp_path) not in message
-    assert message == ("Not loaded: two.toml has 2 problems: unknown setting 'lerning_rate' (did you mean "
+    assert loaded is None and str(tmp_path) not in message.text
+    assert message.text == ("Not loaded: two.toml has 2 problems: unknown setting 'lerning_rate' (did you mean "
                        "'learning_rate'?); epochs must be at least 1, got 0.")
 
 
@@ -163,8 +177,10 @@ def test_tab_builds_and_wires_its_events():
     blocks = build_tab(HostContext())
     names = [getattr(fn, "name", "") or name(fn.fn) for fn in blocks.fns.values()] \
         if isinstance(blocks.fns, dict) else [name(fn.fn) for fn in blocks.fns]
-    assert len(names) == 8  # start, stop, resume, export, save, load, poll, the run's form on page load
-    assert {"stop", "resume", "export", "load_config", "poll", "run_form"} <= set(names)
+    # start, stop, resume, export, save, load, quick try, the estimate on page load and on each input's change, the
+    # run's form on page load, poll
+    assert len(names) == 10 + len(blocks.prdp_inputs)
+    assert {"stop", "resume", "load_config", "poll"} <= set(names)
 
 
 def test_prdp_ui_serves_on_this_machine_only_by_default(monkeypatch, tmp_path):

@@ -13,13 +13,18 @@ from prdp_core.config import BASIC_FIELDS, TrainConfig, config_fields, from_widg
 from prdp_core.errors import ConfigError
 from prdp_core.prompts import save_typed_prompts
 
-# Shown open; REWARD sits with the reward weights; everything else folds away under "advanced". The host decides
-# output_dir and device; the reward mix has one weight widget per reward; prompts come from prompt_source.
+# Shown open; REWARD sits with the reward weights, EVALUATION in its own section (it can be most of a short run's
+# time); everything else folds away under "advanced". The host decides output_dir and device; the reward mix has one
+# weight widget per reward; prompts come from prompt_source.
 BASIC = BASIC_FIELDS
 REWARD = ("reward_options",)
+EVALUATION = ("eval_max_prompts", "eval_images_per_prompt", "eval_every")
 OWN_WIDGETS = ("prompts", "rewards", "output_dir", "device")
-ADVANCED = tuple(f.name for f in config_fields() if f.name not in BASIC + REWARD + OWN_WIDGETS)
-FIELDS = BASIC + REWARD + ADVANCED  # the order the tab passes widget values in
+ADVANCED = tuple(f.name for f in config_fields() if f.name not in BASIC + REWARD + EVALUATION + OWN_WIDGETS)
+FIELDS = BASIC + REWARD + EVALUATION + ADVANCED  # the order the tab passes widget values in
+# A first run that shows the whole loop (sampling, updates, evaluation, export) in minutes instead of most of an hour
+QUICK_TRY = {"epochs": 2, "prompts_per_epoch": 2, "images_per_prompt": 4, "num_steps": 10, "eval_max_prompts": 4,
+             "eval_images_per_prompt": 2}
 
 
 def form_to_config(values: dict[str, Any], rewards: dict[str, float | None], prompts: str,

@@ -1,0 +1,116 @@
+"""How much work a run is, so that a face can say how long it will take before it starts and how long is left while
+it runs.
+
+Work is counted in UNet image-steps: one image's latent through the UNet at one sampling step, two with classifier-free
+guidance; a backward pass counts as two. Seconds come from this machine: before a run, the pace a finished epoch of an
+earlier run with the same model and size measured; during a run, its own pace since it began."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from .config import TrainConfig
+
+BACKWARD = 2.0  # a backward pass costs about two forward passes
+EPOCH_PASSES = ("sampling", "reference", "optimization")
+
+
+@dataclass(frozen=True)
+class RunWork:
+    """A run's UNet work in image-steps, phase by phase."""
+
+    epochs: int
+    eval_every: int
+    eval_sets: dict[str, float]  # one evaluation's work per set, in the order it samples them
+    eval_images: int  # images one evaluation samples
+    passes: dict[str, float]  # one epoch's work per pass (EPOCH_PASSES)
+
+    @property
+    def epoch(self) -> float:
+        return sum(self.passes.values())
+
+    @property
+    def evaluation(self) -> float:
+        return sum(self.eval_sets.values())
+
+    @property
+    def evaluations(self) -> int:
+        """Before and after training, and after every eval_every-th epoch but the last."""
+        return 2 + ((self.epochs - 1) // self.eval_every if self.eval_every else 0)
+
+    @property
+    def total(self) -> float:
+        return self.epochs * self.epoch + self.evaluations * self.evaluation
+
+    def done(self, epoch: int, evaluated: set[str] | Mapping, phase: str = "", phase_done: int = 0,
+             phase_total: int = 0) -> float:
+        """Work done with `epoch` epochs complete, the evaluations `evaluated` ("before", "epoch-N", "after")
+        complete, and `phase_done` of `phase_total` chunks of `phase` ("sampling", ..., "eval <set>") in progress."""
+        within = phase_done / phase_total if phase_total else 0.0
+        training = phase in EPOCH_PASSES
+        evaluating = phase.startswith("eval ")
+        # a resumed run does not repeat the evaluations before its checkpoint, and its snapshot does not list them
+        before_done = "before" in evaluated or epoch > 0 or training
+        work = self.evaluation if before_done else 0.0
+        work += min(epoch, self.epochs) * self.epoch
+        if self.eval_every:
+            between = [e for e in range(self.eval_every, self.epochs, self.eval_every) if e <= epoch]
+            pending = epoch in between and not training and f"epoch-{epoch}" not in evaluated
+            work += (len(between) - pending) * self.evaluation
+        if "after" in evaluated:
+            return self.total  # a resumed run then redraws its "before" images: nothing left that counts
+        if training:
+            names = list(self.passes)
+            index = names.index(phase)
+            work += sum(self.passes[n] for n in names[:index]) + within * self.passes[phase]
+        elif evaluating:
+            name, names = phase[len("eval "):], list(self.eval_sets)
+            if name in names:
+                index = names.index(name)
+                work += sum(self.eval_sets[n] for n in names[:index]) + within * self.eval_sets[name]
+        return min(work, self.total)
+
+
+def run_work(config: TrainConfig, eval_prompts: Mapping[str, int]) -> RunWork:
+    """The work of `config` with `eval_prompts` prompts in each evaluation set."""
+    guidance = 2 if config.guidance_scale > 1.0 else 1  # the sampler skips the unconditional branch at scale <= 1
+    images = config.prompts_per_epoch * config.images_per_prompt
+    trained = images * config.trained_steps() * guidance
+    updates = config.updates_per_epoch
+    from .objectives import make_objective  # the objective says whether it needs the reference pass
+
+    reference = trained if make_objective(config).needs_reference else 0.0
+    eval_images = sum(eval_prompts.values()) * config.eval_images_per_prompt
+    return RunWork(
+        epochs=config.epochs, eval_every=config.eval_every,
+        eval_sets={name: n * config.eval_images_per_prompt * config.num_steps * guidance
+                   for name, n in eval_prompts.items()},
+        eval_images=eval_images,
+        # K forward + backward passes, and K - 1 passes that recompute the log-probs after an update
+        passes={"sampling": images * config.num_steps * guidance, "reference": reference,
+                "optimization": updates * (1 + BACKWARD) * trained + (updates - 1) * trained})
+
+
+def measured_pace(runs_folder: str | Path, config: TrainConfig) -> float | None:
+    """Seconds per image-step that earlier runs in `runs_folder` measured with the same model, size, precision and
+    device (the median of their epochs), or None where none did."""
+    from .session import list_runs
+    from .trainer import METRICS_FILE
+
+    same = ("model", "resolution", "precision", "device", "vae")
+    paces = []
+    for run in list_runs(runs_folder):
+        if any(getattr(run.config, name) != getattr(config, name) for name in same):
+            continue
+        epoch = run_work(run.config, {}).epoch
+        for line in (run.path / METRICS_FILE).read_text(encoding="utf-8").splitlines():
+            seconds = json.loads(line).get("timings", {}).get("total") if line.strip() else None
+            if seconds:
+                paces.append(seconds / epoch)
+        if paces:
+            return statistics.median(paces)
+    return None
