@@ -48,54 +48,40 @@ def _field(default, help: str, group: str, choices: tuple | None = None, minimum
 @dataclass
 class TrainConfig:
     # --- what to train on
-    model: str = _field("builtin:toy", "Base model: a builtin name (builtin:toy, the shipped toy-world model; "
-                        "builtin:tiny and builtin:tiny-xl, random weights in SD1 and SDXL shapes; "
-                        "builtin:random-sd15|sd21|sdxl, the real architectures with random weights), a hub id, a local "
-                        "diffusers folder, or a single-file .safetensors/.ckpt checkpoint.", "model")
+    model: str = _field("builtin:toy", "The SD1.x, SD2.x or SDXL model to finetune: a checkpoint file, a diffusers "
+                        "folder or hub id, or builtin:toy, the small model that ships for trying things out.", "model")
     vae: str = _field("", "A separate VAE file (.safetensors, e.g. from A1111's models/VAE) used instead of the "
                       "model's own; empty: the model's.", "model")
-    prediction_type: str = _field("auto", "What the model's UNet predicts; auto reads it from the model (for a "
-                                  "single-file SD2 checkpoint: an A1111 <name>.yaml beside it, else its weights as "
-                                  "ComfyUI reads them, else v-prediction).", "model",
+    prediction_type: str = _field("auto", "What the model's UNet predicts; auto reads it from the model (an SD2 "
+                                  "checkpoint's A1111 .yaml beside it, else its weights).", "model",
                                   choices=("auto", "epsilon", "v_prediction"))
-    prompts: str = _field("builtin:toy_train", "Training prompts: a .txt file (one per line, # comments), a .json "
-                          "list, or a builtin set (builtin:animals, builtin:toy_train, builtin:toy_unseen).", "model")
-    eval_prompts: str = _field("builtin:toy_unseen", "Held-out prompts (same forms as --prompts), evaluated as "
-                               "'unseen' beside the training ('seen') prompts; empty: none.", "model")
-    rewards: dict = _field({"toy_match": 1.0}, "Reward mix {name: weight}; on the CLI --reward NAME[=WEIGHT], "
-                           "repeatable. Names: see the README's reward table, or module:function.", "reward")
-    reward_options: dict = _field({}, "Settings of the rewards in the mix {name: {option: value}}, e.g. a weight "
-                                  "file or a server address; on the CLI --reward-option NAME.KEY=VALUE, "
-                                  "repeatable (VALUE is read as JSON if it parses, else as text).", "reward")
+    prompts: str = _field("builtin:toy_train", "Training prompts: a .txt file (one per line), a .json list, or a "
+                          "built-in set such as builtin:animals.", "model")
+    eval_prompts: str = _field("builtin:toy_unseen", "Prompts kept out of training, evaluated as 'unseen' beside the "
+                               "training ('seen') ones; empty: none.", "model")
+    rewards: dict = _field({"toy_match": 1.0}, "The reward mix: each reward's name and weight (a registered reward "
+                           "or module:function).", "reward")
+    reward_options: dict = _field({}, "Settings of the rewards in the mix, e.g. a weight file or a server address, "
+                                  "as {name: {option: value}}.", "reward")
     reward_dtype: str = _field("fp32", "Weight dtype of model-based rewards (fp16/bf16 halve their memory on a "
                                "GPU).", "reward", choices=("fp32", "fp16", "bf16"))
     reward_normalization: str = _field(
-        "none", "none: the mix is the weighted sum of raw scores. batch_zscore: each reward is z-scored within the "
-        "epoch's samples before weighting, so the weights compare rewards of different scales and reward "
-        "differences are in standard deviations: beta then means the same whatever the rewards' raw units "
-        "(retune it when switching). Evaluations always report the raw weighted sum, comparable across epochs "
-        "and runs.", "reward", choices=("none", "batch_zscore"))
+        "none", "none: train on the weighted sum of raw scores; batch_zscore: standardise each reward within the "
+        "epoch first, so rewards of different scales mix evenly (retune beta when switching).", "reward",
+        choices=("none", "batch_zscore"))
     # --- the objective
     objective: str = _field("prdp", "Objective: prdp (this project) or ddpo (PPO-clip baseline).", "objective",
                             choices=("prdp", "ddpo"))
-    beta: float = _field(1.0, "PRDP KL weight: the regression target is the reward difference divided by beta; "
-                         "smaller beta moves further from the base model. While dr/beta is far beyond the "
-                         "log-ratios the model reaches (per-dimension means: ~1e-3), beta only scales the "
-                         "gradient, which AdamW undoes; then learning_rate sets the pace.", "objective", positive=True)
-    clip_range: float = _field(1e-4, "PRDP per-step clip range on the implicit reward around the epoch's "
-                               "sampling model (prox. update); bites only when updates_per_epoch > 1 and it is on "
-                               "the scale of one update's change of the per-dimension log-prob (about 1e-4 on the "
-                               "toy model).", "objective", positive=True)
+    beta: float = _field(1.0, "How strongly PRDP keeps the LoRA near the base model: smaller moves further.",
+                         "objective", positive=True)
+    clip_range: float = _field(1e-4, "How far each update may move the model from the one that sampled the "
+                               "epoch (PRDP's proximal clip).", "objective", positive=True)
     step_reduction: str = _field("mean", "How per-step implicit rewards combine over the trajectory: mean (the "
                                  "paper's code) or sum (the paper's equations; divide beta by the step count).",
                                  "objective", choices=("mean", "sum"))
     train_step_fraction: float = _field(
-        0.15, "Fraction of the sampling steps, noisiest first, whose log-probs form the implicit reward and get "
-        "gradients (1.0: all, as in the paper). A step's log-prob gradient grows as 1/sigma_t, so the last, "
-        "nearly noise-free steps dominate it while deciding only fine detail: on the toy model one caption's "
-        "toy_alignment rose with 0.5 but fell with 1.0, and on all captions 0.15 (the first 3 of 20 steps, "
-        "where colour is decided) did as well as 0.5 at a third of the optimisation time.",
-        "objective", positive=True, maximum=1.0)
+        0.15, "Share of the sampling steps, noisiest first, that are trained on (1.0: all, as in the paper); fewer "
+        "steps train faster and on composition rather than fine detail.", "objective", positive=True, maximum=1.0)
     ddpo_clip_range: float = _field(1e-4, "DDPO only: PPO clip range on the per-step probability ratio.",
                                     "objective", positive=True)
     ddpo_adv_clip: float = _field(5.0, "DDPO only: advantages (per-prompt normalised rewards) are clipped to "
@@ -107,7 +93,8 @@ class TrainConfig:
                                     minimum=2)
     updates_per_epoch: int = _field(4, "Gradient updates per epoch on the same samples (K).", "loop", minimum=1)
     batch_size: int = _field(16, "Images per UNet call, in sampling and training alike; lower it to save memory "
-                             "(results change only by float rounding; it may change on --resume).", "loop", minimum=1)
+                             "(results change only by float rounding; a resumed run may change it).", "loop",
+                             minimum=1)
     # --- the sampler
     num_steps: int = _field(20, "DDIM sampling steps (T).", "sampler", minimum=1, maximum=1000)
     guidance_scale: float = _field(5.0, "Classifier-free guidance scale, applied inside every step.", "sampler",
@@ -136,26 +123,19 @@ class TrainConfig:
     eval_every: int = _field(0, "Evaluate every this many epochs (always before and after); 0 means only "
                              "before and after.", "eval", minimum=0)
     seed: int = _field(0, "Seed for prompt draws, sampling noise and evaluation.", "run", minimum=0)
-    precision: str = _field("fp32", "Base-model weight dtype; LoRA parameters and log-probs stay fp32. On a GPU "
-                            "use fp16 (its gradients are scaled like AMP's): bf16's 8-bit mantissa cannot resolve the "
-                            "per-step log-prob gradient (bench/precision_gradient.py: cosine 0.73 to fp32).", "run",
+    precision: str = _field("fp32", "Base-model weight dtype; the LoRA stays fp32. On a GPU use fp16, which halves "
+                            "the memory; bf16 is too coarse for the training signal.", "run",
                             choices=("fp32", "fp16", "bf16"))
-    gradient_checkpointing: bool = _field(False, "Recompute UNet activations during the backward pass instead of "
-                                          "keeping them: much less GPU memory in the optimisation phase for about "
-                                          "a third more of its time; gradients are unchanged.", "memory")
+    gradient_checkpointing: bool = _field(False, "Much less GPU memory while training, for about a third more "
+                                          "training time; results are unchanged.", "memory")
     vae_tiling: bool = _field(False, "Decode images one at a time and in tiles, so decoding at large resolutions "
                               "fits small GPUs (tile seams may differ slightly from a whole-image decode).",
                               "memory")
-    offload_models: bool = _field(False, "Keep the text encoders on the CPU (each prompt is encoded once per run "
-                                  "and cached) and move model-based rewards to the CPU between scoring phases, "
+    offload_models: bool = _field(False, "Keep the text encoders and reward models on the CPU between their uses, "
                                   "leaving the GPU to the UNet and the VAE.", "memory")
     retain_graphs: str = _field(
-        "auto", "Updates 2..K of an epoch: keep each UNet micro-batch's autograd graph from computing its log-probs to "
-        "back-propagating them, one UNet forward pass less per micro-batch and step (about 13 % of a toy-model "
-        "epoch at K = 4), at the memory of an update's graphs at once (0.7 GB for the toy default). Gradients are "
-        "identical. auto: on the CPU for UNets under 100 M parameters and at most 16 micro-batch-steps per update; "
-        "off on accelerators, where memory is scarce. Not with fp16 base weights.", "memory",
-        choices=("auto", "on", "off"))
+        "auto", "Trade memory for speed in updates 2..K: keep the graphs instead of recomputing them (auto: on for "
+        "small models on the CPU); results are identical.", "memory", choices=("auto", "on", "off"))
     device: str = _field("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps.", "run")
     output_dir: str = _field("runs", "Folder that receives one sub-folder per run.", "run")
     run_name: str = _field("", "Run folder name; empty means a timestamp.", "run")
@@ -197,7 +177,7 @@ class TrainConfig:
         if self.resolution and self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}.")
         if not self.rewards:
-            raise ConfigError("rewards is empty; name at least one reward, e.g. --reward jpeg_compressibility.")
+            raise ConfigError("rewards is empty; add at least one reward to the mix, e.g. jpeg_compressibility.")
         for name, weight in self.rewards.items():
             if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)) \
                     or not math.isfinite(weight):
@@ -206,7 +186,7 @@ class TrainConfig:
         for name, options in self.reward_options.items():
             if name not in self.rewards:
                 raise ConfigError(f"reward_options names {name!r}, which is not in the reward mix "
-                                  f"({', '.join(self.rewards)}); add it with --reward {name} or drop its options.")
+                                  f"({', '.join(self.rewards)}); add {name} to the reward mix or drop its options.")
             if not isinstance(options, dict) or not all(isinstance(k, str) and _is_option_value(v)
                                                         for k, v in options.items()):
                 raise ConfigError(f"reward_options.{name} must map option names to strings, numbers, booleans or "

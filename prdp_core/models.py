@@ -49,8 +49,8 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError:
         raise ModelLoadError(f"device {device!r} is not a device name; use auto, cpu, cuda, cuda:N or mps.") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} was requested but this torch has no CUDA; use --device cpu or "
-                             f"install a CUDA build of torch.")
+        raise ModelLoadError(f"device {device!r} was requested but this torch has no CUDA; set the device to cpu "
+                             f"or install a CUDA build of torch.")
     return resolved
 
 

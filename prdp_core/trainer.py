@@ -111,7 +111,7 @@ class Trainer:
             raise
         except torch.cuda.OutOfMemoryError:
             phase = self.meter.out_of_memory_in if self.meter is not None else None
-            resume = f" with --resume {self.run_dir}" if self.run_dir else ""
+            resume = f" the run {self.run_dir}" if self.run_dir else ""
             message = (f"out of GPU memory{' in ' + phase if phase else ''}; {_memory_advice(self.config, phase)}, "
                        f"then resume{resume}.")
             self._emit(Failed(message, self.run_dir))
@@ -338,7 +338,7 @@ class Trainer:
                     torch._foreach_add_([p.grad for p in self.params], grads)
                 return
             scale /= 2.0**8
-        raise PrdpError("gradients overflow in fp16 even when scaled down; train with --precision bf16 (or fp32), "
+        raise PrdpError("gradients overflow in fp16 even when scaled down; set precision to fp32 (or bf16), "
                         "then resume.")
 
     # ------------------------------------------------------------------------------------------ sampling, eval
@@ -604,8 +604,8 @@ def _new_run_dir(config: TrainConfig) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         run_dir = root / name
         if config.run_name and run_dir.exists():
-            raise ConfigError(f"run folder {run_dir} already exists; choose another --run-name, or continue it with "
-                              f"--resume {run_dir}.")
+            raise ConfigError(f"run folder {run_dir} already exists; choose another run name, or resume that "
+                              f"run.")
         suffix = 1
         while run_dir.exists():  # two timestamped runs started in the same second
             run_dir, suffix = root / f"{name}-{suffix}", suffix + 1

@@ -189,13 +189,13 @@ def test_bf16_is_close_to_fp32(clip_folder, head_file):
 
 @pytest.mark.parametrize("name, options, says", [
     ("aesthetic", {"clip": "/no/such/clip"}, "clip /no/such/clip does not exist; pass an existing path with "
-                                             "--reward-option aesthetic.clip=PATH."),
+                                             "the clip option of the aesthetic reward."),
     ("aesthetic", {"head": "./no/head.pth"}, "head ./no/head.pth does not exist; pass an existing path with "
-                                             "--reward-option aesthetic.head=PATH."),
+                                             "the head option of the aesthetic reward."),
     ("aesthetic", {"head": "nobody/no-such-repo/head.pth"}, "could not get head 'nobody/no-such-repo/head.pth' from "
                                                             "the hub"),
     ("aesthetic", {"head": "head.pth"}, "could not get head 'head.pth' from the hub (neither an existing file"),
-    ("pickscore", {"processor": "/no/such/processor"}, "--reward-option pickscore.processor=PATH."),
+    ("pickscore", {"processor": "/no/such/processor"}, "the processor option of the pickscore reward."),
     ("pickscore", {"processor": "PROCESSOR", "model": "nobody/no-such-model"}, "could not get model "
                                                                               "'nobody/no-such-model' from the hub"),
     ("clip_score", {}, "could not get model 'openai/clip-vit-large-patch14' from the hub"),
@@ -207,7 +207,7 @@ def test_missing_weights_say_which_option_to_set(clip_folder, processor_folder, 
     with pytest.raises(RewardError) as error:
         reward.score(_images()[:1], ["a cat"])
     message = str(error.value)
-    assert says in message and f"--reward-option {name}." in message and "\n" not in message
+    assert says in message and f"option of the {name} reward" in message and "\n" not in message
 
 
 def test_head_that_does_not_fit_the_clip_model_is_rejected(clip_folder, tmp_path):

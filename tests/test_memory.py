@@ -170,5 +170,5 @@ def test_running_out_of_memory_says_what_to_change_and_keeps_the_run(tiny_config
     trainer = Trainer(TrainConfig.from_dict({**tiny_config.to_dict(), **overrides}))
     with pytest.raises(trainer_module.PrdpError) as raised:
         trainer.run()
-    assert str(raised.value) == f"out of GPU memory{advice}, then resume with --resume {trainer.run_dir}."
+    assert str(raised.value) == f"out of GPU memory{advice}, then resume the run {trainer.run_dir}."
     assert checkpoints.latest_checkpoint(trainer.run_dir) is not None  # resumable: a checkpoint precedes all work

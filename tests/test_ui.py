@@ -11,7 +11,7 @@ from conftest import needs_diffusers_lora_loading
 from prdp_core.config import TrainConfig
 from prdp_core.errors import ConfigError
 from prdp_ui.form import FIELDS, OWN_WIDGETS, config_to_form, from_widget, prompt_source
-from prdp_ui.tab import UNCHANGED, HostContext, Notice, TabState, describe_run, discover_models
+from prdp_ui.tab import UNCHANGED, HostContext, Notice, TabState, discover_models
 
 
 @pytest.fixture
@@ -70,25 +70,25 @@ def test_bad_form_is_a_message_not_an_exception(tab, tiny_config):
 def test_run_poll_export_and_reload_in_diffusers(tab, tiny_config):
     from prdp_core.models import load_pipeline
 
+    assert tab.estimate(*form_of(tab, tiny_config)).startswith("<b>time</b>: shown once the run starts")
     assert tab.start(*form_of(tab, TrainConfig.from_dict({**tiny_config.to_dict(), "epochs": 2}))) == \
         Notice("success", "Started.")
-    busy = tab.start(*form_of(tab, tiny_config))
+    busy = tab.run_message(tab.start(*form_of(tab, tiny_config)))
     assert busy.kind == "warning" and busy.text.startswith("Not started: a training run is already in progress")
-    under = tab.message_state()  # the busy message is true while the run goes on
-    assert tab.poll(None, under).controls == (False, True, False, False)  # only stop can act during a run
+    running = tab.poll()
+    assert running.message is UNCHANGED  # true while the run goes on
+    assert running.controls == (False, True, False, False)  # only stop can act during a run
     assert tab.session.wait(600)
-    view = tab.poll(None, under)
+    view = tab.poll()
     assert view.status.startswith("<b>finished</b> · 2 of 2 epochs · ")
-    assert view.message == "" and view.message_under is None  # the run ended: "already in progress" is cleared
+    assert view.message == ""  # the run ended: "already in progress" is cleared
     assert view.controls == (True, False, True, True)
     assert view.curve.size[0] > 100 and view.gallery and view.before_after.endswith("before_after.png")
     assert "epoch 2/2" in view.log
     again = tab.poll(view.key)  # nothing new: the pictures and buttons are not re-sent
     assert again[2:7] == (UNCHANGED,) * 5 and again.key == view.key
-    assert view.estimate is UNCHANGED  # no estimate on screen to redo
-    tab.estimate(*form_of(tab, tiny_config))
-    assert tab.poll((*view.key[:5], (False, True, False, False))).estimate.startswith("<b>about ")  # once a run
-    # ended, the estimate goes by the pace it measured on this machine
+    assert view.estimate.startswith("<b>about ")  # the run that ended measured this machine's pace
+    assert tab.poll().estimate is UNCHANGED
 
     assert tab.export("../escape", "kohya", "fp16")[0].text.startswith("Not exported: LoRA name")
     assert tab.export(" ", "kohya", "fp16") == (Notice("error", "Not exported: LoRA name is empty; give it a name."),
@@ -137,7 +137,8 @@ def test_config_file_save_and_load(tab, tiny_config, tmp_path):
     message, path = tab.save_config(*form)
     assert message == Notice("success", f"Saved {path}.")
     message, loaded = tab.load_config(path)
-    assert message == Notice("success", "Loaded prdp_config.toml.") and loaded == [*form[0], *form[1], tiny_config.prompts]
+    assert message == Notice("success", "Loaded prdp_config.toml.")
+    assert loaded == [*form[0], *form[1], tiny_config.prompts]
     assert TrainConfig.load(path).reward_options == config.reward_options  # the options survive the file
     broken = tmp_path / "gradio-temp-copy" / "broken.toml"  # Gradio 4+ hands over a copy with the user's name
     broken.parent.mkdir()

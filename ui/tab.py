@@ -62,7 +62,6 @@ class View(NamedTuple):
     before_after: object
     controls: object  # (start, stop, resume, export) enabled, or UNCHANGED
     message: object  # the run message: UNCHANGED, or "" once what it said is no longer true
-    message_under: object  # the session state the shown run message was true in (None: nothing to clear)
     estimate: object  # UNCHANGED, or the estimate again once a run ended (it may have measured this machine's pace)
     key: tuple
 
@@ -74,7 +73,11 @@ class TabState:
         self.context = context
         self.session = session or RunSession(gpu_lock=context.gpu_lock)
         self.rewards = reward_names()
+        # Kept here, not per browser tab: Gradio 3 polls with the inputs of the page's first poll, so a tab's own
+        # state would never reach it. There is one session per process, and every tab shows it.
+        self._message_under: tuple | None = None  # the session state the latest run message is true in
         self._estimated: tuple = ()  # the form values of the latest estimate
+        self._estimated_under: tuple = ()  # the run it could measure its pace by: (run folder, status)
 
     # ------------------------------------------------------------------------------------------ callbacks
     def config(self, values: list, weights: list, builtin: str, text: str, upload) -> TrainConfig:
@@ -109,15 +112,16 @@ class TabState:
             return Notice("error", f"Not resumed: {exc}")
         return Notice("success", f"Resuming {run_dir}.")
 
-    def message_state(self) -> tuple:
-        """The session state a run message is true in: it is cleared once this changes (a run starts or ends, a
-        stop is asked for)."""
+    def run_message(self, notice: Notice) -> Notice:
+        """Show `notice` until it is no longer true: until a run starts or ends, or a stop is asked for."""
         state = self.session.snapshot()
-        return state.status, state.stopping
+        self._message_under = (state.status, state.stopping)
+        return notice
 
     def estimate(self, values: list, weights: list, builtin: str, text: str, upload) -> str:
         """What the form's run will cost, in words: its size, the evaluation's share, and the time on this machine."""
-        self._estimated = (values, weights, builtin, text, upload)
+        state = self.session.snapshot()
+        self._estimated, self._estimated_under = (values, weights, builtin, text, upload), (state.run_dir, state.status)
         try:
             config = self.config(values, weights, builtin, text, upload)
             sets = evaluation_sets(load_prompts(config.prompts), config.eval_prompts, config.eval_max_prompts)
@@ -125,7 +129,7 @@ class TabState:
             return f"Cannot estimate this run yet: {exc}"
         return describe_run(config, sets, measured_pace(self.context.output_dir, config))
 
-    def poll(self, seen: tuple | None = None, message_under: tuple | None = None) -> View:
+    def poll(self, seen: tuple | None = None) -> View:
         """The view of the run; the pictures and buttons only where they changed since the caller's `seen` key (else
         UNCHANGED), so a tab polling every second does not re-send a gallery of 512 px images each time."""
         state = self.session.snapshot()
@@ -137,11 +141,10 @@ class TabState:
         pictures = ((UNCHANGED,) * 4 if key[:5] == (seen or ())[:5] else
                     (_curve(state), state.samples and [(image, caption.split(" | ")[0]) for image, caption in
                                                         state.samples], _captions(state), grid_time and str(grid)))
-        cleared = message_under is not None and tuple(message_under) != (state.status, state.stopping)
-        changed = not seen or tuple(seen[5]) != controls
-        ended = changed and seen is not None and not running and self._estimated
-        return View(_status_html(state), "\n".join(state.log), *pictures, controls if changed else UNCHANGED,
-                    "" if cleared else UNCHANGED, None if cleared else UNCHANGED,
+        stale = self._message_under is not None and self._message_under != (state.status, state.stopping)
+        ended = not running and self._estimated and self._estimated_under != (state.run_dir, state.status)
+        return View(_status_html(state), "\n".join(state.log), *pictures,
+                    UNCHANGED if seen and tuple(seen[5]) == controls else controls, "" if stale else UNCHANGED,
                     self.estimate(*self._estimated) if ended else UNCHANGED, key)
 
     def export(self, name: str, fmt: str, dtype: str) -> tuple[Notice, object]:
@@ -431,8 +434,7 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
         # the page's whole width: the grid (8 images of 128 px a row) is readable at its own size
         before_after = gr.Image(label="before / after training, on the evaluation's fixed seeds", interactive=False,
                                 elem_id="prdp_before_after")
-        seen = gr.State(None)  # per browser tab: the key of the pictures and buttons it shows
-        message_under = gr.State(None)  # per browser tab: the session state its run message is true in
+        seen = gr.State(None)  # per browser tab (Gradio 4+): the key of the pictures and buttons it shows
 
         fields = [widgets[name] for name in FIELDS]
         form = [*fields, *weights, builtin, prompt_text, prompt_file]
@@ -450,23 +452,22 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
         def update(value):  # UNCHANGED outputs become Gradio's no-op update
             return gr.update() if value is UNCHANGED else value
 
-        def poll(seen_key, under):
-            view = state.poll(seen_key, under)
+        def poll(seen_key):
+            view = state.poll(seen_key)
             controls = ([gr.update()] * 4 if view.controls is UNCHANGED else
                         [gr.update(interactive=on) for on in view.controls])
-            return [update(value) for value in view[:6]] + controls + [update(view.message),
-                                                                      update(view.message_under),
-                                                                      update(view.estimate), view.key]
+            return [update(value) for value in view[:6]] + controls + [update(view.message), update(view.estimate),
+                                                                      view.key]
 
         def run_message(callback):
             @functools.wraps(callback)
-            def send(*values):  # the message, and the session state it is true in
-                return notice_html(callback(*values)), state.message_state()
+            def send(*values):
+                return notice_html(state.run_message(callback(*values)))
             return send
 
-        start.click(run_message(lambda *v: state.start(*split(v))), inputs=form, outputs=[message, message_under])
-        stop.click(run_message(state.stop), outputs=[message, message_under])
-        resume.click(run_message(state.resume), inputs=resume_dir, outputs=[message, message_under])
+        start.click(run_message(lambda *v: state.start(*split(v))), inputs=form, outputs=message)
+        stop.click(run_message(state.stop), outputs=message)
+        resume.click(run_message(state.resume), inputs=resume_dir, outputs=message)
         export.click(lambda *v: [update(value) if i else notice_html(value) for i, value in
                                  enumerate(state.export(*v))],
                      inputs=[export_name, export_format, export_dtype], outputs=[export_message, exported])
@@ -479,12 +480,11 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
                              show_progress="hidden")
         blocks.load(lambda *v: state.estimate(*split(v)), inputs=form, outputs=estimate)
         blocks.load(lambda: [update(value) for value in state.run_form()], outputs=[*fields, *weights, builtin])
-        outputs = [status, log, curve, gallery, captions, before_after, *buttons, message, message_under, estimate,
-                   seen]
+        outputs = [status, log, curve, gallery, captions, before_after, *buttons, message, estimate, seen]
         # hidden: a progress overlay every second would make the outputs flicker
         if hasattr(gr, "Timer"):  # Gradio >= 4.40
-            gr.Timer(1.0).tick(poll, inputs=[seen, message_under], outputs=outputs, show_progress="hidden")
+            gr.Timer(1.0).tick(poll, inputs=seen, outputs=outputs, show_progress="hidden")
         else:  # Gradio 3.x polls through `every`
-            blocks.load(poll, inputs=[seen, message_under], outputs=outputs, every=1.0, show_progress="hidden")
+            blocks.load(poll, inputs=seen, outputs=outputs, every=1.0, show_progress="hidden")
     blocks.prdp_state, blocks.prdp_inputs = state, form  # for tests and hosts that want the session
     return blocks

@@ -135,14 +135,14 @@ def _loading(reward: str, option: str, spec: str, load: Callable[[], T]) -> T:
         return load()
     except (OSError, ValueError) as exc:
         reason = (str(exc).strip().split(". ")[0].splitlines() or [type(exc).__name__])[0].rstrip(".")
-        fix = f"--reward-option {reward}.{option}=PATH"
+        fix = f"the {option} option of the {reward} reward"
         if os.path.exists(spec):
             message = f"could not load {option} {spec} ({reason}); pass files in the default's format with {fix}"
         elif _is_path(spec):
             message = f"{option} {spec} does not exist; pass an existing path with {fix}"
         else:
             message = (f"could not get {option} {spec!r} from the hub ({reason}); download it (`hf download` on a "
-                       f"machine with access) and pass {fix}")
+                       f"machine with access) and pass its path as {fix}")
         raise RewardError(f"reward {reward!r}: {message}.") from exc
 
 
