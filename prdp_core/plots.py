@@ -47,7 +47,8 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
     `x_range` widens the x axis to at least that span (a run's epochs, so one point is not the whole plot); the
     series in `squares` get square markers (measured points apart from the others' dots)."""
     width, height = size
-    left, right, top, bottom = 64, 16, 28, 40
+    legend_top, legend_rows = 24, math.ceil(len(series) / 2)  # two names a row, above the plot: never over a line
+    left, right, top, bottom = 64, 16, legend_top + 14 * legend_rows + 6, 40
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     font = _font()
@@ -94,9 +95,9 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
         shape, r = (draw.rectangle, 4) if name in squares else (draw.ellipse, 3)
         for px, py in pixels:
             shape([px - r, py - r, px + r, py + r], fill=colour)
-        shape([width - right - 208 - r, top + 10 + 14 * k - r, width - right - 208 + r, top + 10 + 14 * k + r],
-              fill=colour)
-        draw.text((width - right - 200, top + 4 + 14 * k), name, fill=colour, font=font)
+        x, y = left + 8 + (width - left - right) // 2 * (k % 2), legend_top + 14 * (k // 2)
+        shape([x - r, y + 6 - r, x + r, y + 6 + r], fill=colour)
+        draw.text((x + 8, y), name, fill=colour, font=font)
     return image
 
 
