@@ -99,13 +99,10 @@ class Trainer:
         """Train to the end (or until `stop_event` is set); returns the exported LoRA's path."""
         self._stop = stop_event
         try:
-            return self._run()
-        except _Cancelled:
-            checkpoint = checkpoints.latest_checkpoint(self.run_dir)
-            lora = self._export(checkpoint)
-            done = checkpoints.checkpoint_epoch(checkpoint) if checkpoint else 0
-            self._emit(Finished(self.run_dir, lora, {"stopped_after_epoch": done}, cancelled=True))
-            return lora
+            try:
+                return self._run()
+            except _Cancelled:  # what went wrong while ending a stopped run fails it like any other error
+                return self._end_stopped()
         except PrdpError as exc:
             self._emit(Failed(str(exc), self.run_dir))
             raise
@@ -121,6 +118,13 @@ class Trainer:
             message = f"unexpected {type(exc).__name__}: {exc}" + (f" (traceback in {log})" if log else "")
             self._emit(Failed(message, self.run_dir))
             raise
+
+    def _end_stopped(self) -> Path | None:
+        checkpoint = checkpoints.latest_checkpoint(self.run_dir)
+        lora = self._export(checkpoint)
+        done = checkpoints.checkpoint_epoch(checkpoint) if checkpoint else 0
+        self._emit(Finished(self.run_dir, lora, {"stopped_after_epoch": done}, cancelled=True))
+        return lora
 
     def _run(self) -> Path:
         config = self.config

@@ -88,3 +88,18 @@ def test_a_failed_run_reports_and_frees_the_session(tiny_config, tmp_path):
         session.start(_with(tiny_config, prompts=str(tmp_path / "none.txt")))
     session.start(tiny_config)
     assert session.wait(600) and session.snapshot().status == "finished"
+
+
+def test_a_stopped_run_whose_export_fails_ends_failed(tiny_config, monkeypatch):
+    from prdp_core import trainer
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(trainer, "export_lora", full_disk)
+    session = RunSession(on_change=lambda snapshot: snapshot.epoch == 1 and session.stop())
+    session.start(_with(tiny_config, epochs=3))
+    assert session.wait(600)
+    state = session.snapshot()
+    assert state.status == "failed" and "No space left on device" in state.error and "\n" not in state.error
+    assert (state.run_dir / "error.log").is_file() and "error.log" in state.error  # as any failure of the trainer's
+    assert not session.running and state.ended_at  # the session is free for the next run
