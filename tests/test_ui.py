@@ -159,6 +159,8 @@ def test_model_discovery(tmp_path):
     (tmp_path / "sub" / "old.ckpt").write_bytes(b"")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "model_index.json").write_text("{}")
+    (tmp_path / "folder" / "unet").mkdir()  # a diffusers folder's parts are not models of their own
+    (tmp_path / "folder" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("")
     models = discover_models(tmp_path)
     assert models[0] == "builtin:toy"

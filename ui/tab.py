@@ -201,13 +201,19 @@ class TabState:
 
 
 def discover_models(folder: str | Path = "") -> list[str]:
-    """The builtin models, then the checkpoints (.safetensors/.ckpt) and diffusers folders found in `folder`."""
+    """The builtin models, then the checkpoints (.safetensors/.ckpt) and diffusers folders found in `folder` (the
+    files inside a diffusers folder are its parts, not models)."""
     from prdp_core.models import BUILTIN_MODELS
 
-    found = []
+    found, pipelines = [], []
     if folder and Path(folder).is_dir():
         for path in sorted(Path(folder).rglob("*")):
-            if path.suffix.lower() in (".safetensors", ".ckpt") or (path / "model_index.json").is_file():
+            if any(pipeline in path.parents for pipeline in pipelines):
+                continue  # a part of a diffusers folder (its unet, vae...), not a model of its own
+            if (path / "model_index.json").is_file():
+                pipelines.append(path)
+                found.append(str(path))
+            elif path.suffix.lower() in (".safetensors", ".ckpt"):
                 found.append(str(path))
     return [*BUILTIN_MODELS, *found]
 
