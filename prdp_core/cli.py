@@ -301,6 +301,7 @@ class _Reporter:
                                                           if event.start_epoch else ""))
             self._print(f"model {self.config.model}, LoRA rank {self.config.lora_rank} alpha "
                         f"{self.config.lora_alpha:g} on {event.lora_modules} modules, objective {self.config.objective}")
+            self._print(event.evaluation)
         elif kind == "Progress" and not self.quiet:
             label = event.phase if event.phase.startswith("eval") else \
                 f"epoch {event.epoch}/{self.config.epochs} {event.phase}"

@@ -25,6 +25,10 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+TOY_MODEL = "builtin:toy"
+TOY_PROMPT_SETS = ("builtin:toy_train", "builtin:toy_unseen")  # its training and held-out captions
+AUTO_EVAL_PROMPTS = "auto"  # eval_prompts that follow the model: the toy's held-out captions, else none
+
 # kohya-ss/sd-scripts' default UNet targets: every Linear / 1x1 conv inside the transformer blocks.
 KOHYA_UNET_TARGETS = ("proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
@@ -57,8 +61,9 @@ class TrainConfig:
                                   choices=("auto", "epsilon", "v_prediction"))
     prompts: str = _field("builtin:toy_train", "Training prompts: a .txt file (one per line), a .json list, or a "
                           "built-in set such as builtin:animals.", "model")
-    eval_prompts: str = _field("builtin:toy_unseen", "Prompts kept out of training, evaluated as 'unseen' beside the "
-                               "training ('seen') ones; empty: none.", "model")
+    eval_prompts: str = _field("auto", "Prompts kept out of training, evaluated as 'unseen' beside the training "
+                               "('seen') ones; auto: the toy's own with builtin:toy, none with other models; empty: "
+                               "none.", "model")
     rewards: dict = _field({"toy_match": 1.0}, "The reward mix: each reward's name and weight (a registered reward "
                            "or module:function).", "reward")
     reward_options: dict = _field({}, "Settings of the rewards in the mix, e.g. a weight file or a server address, "
@@ -195,7 +200,19 @@ class TrainConfig:
             raise ConfigError("lora_targets must be a non-empty list of module names, e.g. to_q,to_k,to_v,to_out.0.")
         for name in ("run_name", "lora_name"):
             check_file_name(getattr(self, name), name, allow_empty=True)
+        if not self.model.startswith("builtin:"):  # the builtin models with random weights take any prompts
+            for name in ("prompts", "eval_prompts"):
+                if getattr(self, name) in TOY_PROMPT_SETS:
+                    raise ConfigError(f"{name.replace('_', ' ')} {getattr(self, name)} are the toy world's captions, "
+                                      f"which only fit builtin:toy; for {self.model} use a prompt file, typed "
+                                      f"prompts or a built-in set such as builtin:animals.")
         return self
+
+    def evaluation_prompts(self) -> str:
+        """The held-out prompt source to evaluate: eval_prompts, with auto resolved for the model."""
+        if self.eval_prompts == AUTO_EVAL_PROMPTS:
+            return TOY_PROMPT_SETS[1] if self.model == TOY_MODEL else ""
+        return self.eval_prompts
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ class RunStarted(Event):
     start_epoch: int  # 0 for a new run, the resumed epoch otherwise
     lora_modules: int
     eval_sets: list[str]  # in the order every evaluation samples them; phase "eval <set>"
+    evaluation: str = ""  # which prompts the evaluations sample, in one line
 
 
 @dataclass

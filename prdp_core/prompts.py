@@ -96,6 +96,14 @@ def evaluation_sets(train_prompts: Sequence[str], eval_source: str, max_prompts:
     return sets
 
 
+def describe_evaluation(sets: dict[str, list[str]]) -> str:
+    """Which prompts the evaluations sample, in one line."""
+    seen = f"evaluation before and after training: {len(sets['seen'])} training prompts"
+    if "unseen" in sets:
+        return f"{seen} and {len(sets['unseen'])} prompts kept out of training"
+    return f"{seen} only (no eval prompts given, so none kept out of training)"
+
+
 def _spread(prompts: list[str], count: int) -> list[str]:
     if not count or count >= len(prompts):
         return list(prompts)

@@ -267,6 +267,7 @@ def _apply(state: Snapshot, event: Event) -> None:
         state.work_started_at, state.work_at_start = time.time(), state.work_done()
         _append_log(state, f"run folder {event.run_dir}; LoRA on {event.lora_modules} modules"
                            + (f"; resumed after epoch {event.start_epoch}" if event.start_epoch else ""))
+        _append_log(state, event.evaluation)
     elif isinstance(event, Progress):
         if event.phase == "optimization" and state.phase != "optimization":
             state.update = 1

@@ -37,7 +37,7 @@ from .models import (add_lora, apply_memory_options, load_pipeline, lora_disable
                      model_info, resolve_device)
 from .objectives import EpochBatch, make_objective
 from .plots import image_grid, line_plot
-from .prompts import draw_prompts, evaluation_sets, load_prompts
+from .prompts import describe_evaluation, draw_prompts, evaluation_sets, load_prompts
 from .rewards import RewardMix
 from .sampling import PhaseMeter, Sampler, Trajectories, chunk_generator, to_pil
 from .stat_tracking import PerPromptStatTracker
@@ -67,7 +67,7 @@ class Trainer:
         self.resume_dir = Path(resume_dir) if resume_dir else None
         # Cheap checks first, so bad prompts or reward names fail before a model is loaded.
         self.train_prompts = load_prompts(config.prompts)
-        self.eval_sets = evaluation_sets(self.train_prompts, config.eval_prompts, config.eval_max_prompts)
+        self.eval_sets = evaluation_sets(self.train_prompts, config.evaluation_prompts(), config.eval_max_prompts)
         self.device = resolve_device(config.device)
         self.reward_mix = RewardMix(config.rewards, device=self.device, dtype=config.reward_dtype,
                                     options=config.reward_options, normalization=config.reward_normalization)
@@ -130,7 +130,8 @@ class Trainer:
         config = self.config
         started = time.perf_counter()
         self._setup()
-        self._emit(RunStarted(self.run_dir, config, self.epoch, len(self.lora_modules), list(self.eval_sets)))
+        self._emit(RunStarted(self.run_dir, config, self.epoch, len(self.lora_modules), list(self.eval_sets),
+                              describe_evaluation(self.eval_sets)))
         if "eval_before" not in self.state:
             self._checkpoint()  # resumable from the very start
             with lora_disabled(self.unet):

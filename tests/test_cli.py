@@ -13,6 +13,7 @@ from conftest import DIFFUSERS_LOADS_LORAS
 from prdp_core import TrainConfig
 from prdp_core.errors import ConfigError
 from prdp_core.cli import build_parser, main, parse_reward_flags, resolve_train_config
+from prdp_core.prompts import load_prompts
 
 TINY = ["--epochs", "1", "--num-steps", "2", "--prompts-per-epoch", "1", "--images-per-prompt", "2",
         "--updates-per-epoch", "1", "--eval-images-per-prompt", "1", "--eval-max-prompts", "1", "--quiet"]
@@ -50,7 +51,7 @@ def test_bad_input_is_one_line_error_and_loses_nothing(case, tmp_path, out_dir, 
         args += ["--reward", "aesthetics_v9"]
         expected = "unknown reward 'aesthetics_v9'"
     elif case == "missing_model":
-        args += ["--model", str(tmp_path / "models" / "sd15.safetensors")]
+        args += ["--model", str(tmp_path / "models" / "sd15.safetensors"), "--prompts", "builtin:animals"]
         expected = "does not exist"
     elif case == "bad_config_key":
         (tmp_path / "run.toml").write_text("learning_rte = 0.1\n")
@@ -238,3 +239,18 @@ def test_reward_server_command_warns_when_reachable_from_other_machines(monkeypa
     assert "warning" not in capsys.readouterr().err  # 127.0.0.1 by default
     assert main(["reward-server", "--reward", "jpeg_compressibility", "--reward-option", "quality=90"]) == 2
     assert "has no option 'quality'" in _error_line(capsys)
+
+
+def test_the_toy_defaults_do_not_leak_into_real_runs(tmp_path, capsys):
+    from prdp_core.trainer import Trainer
+
+    # the SD1.5 example evaluates its own prompts, not the toy world's captions, and says so in one line
+    example = TrainConfig.load(Path(__file__).parents[1] / "examples" / "sd15_jpeg.toml")
+    trainer = Trainer(TrainConfig.from_dict({**example.to_dict(), "device": "cpu", "output_dir": str(tmp_path)}))
+    assert list(trainer.eval_sets) == ["seen"] and "a small red circle" not in " ".join(trainer.eval_sets["seen"])
+    # the toy's own captions with a real model: refused before anything loads, with what to give instead
+    checkpoint = tmp_path / "sd15.safetensors"
+    checkpoint.write_bytes(b"")
+    assert main(["train", "--model", str(checkpoint), "--out", str(tmp_path / "runs")]) == 2
+    assert "only fit builtin:toy; for" in _error_line(capsys) and not (tmp_path / "runs").exists()
+    assert Trainer(TrainConfig(device="cpu")).eval_sets["unseen"][0] == load_prompts("builtin:toy_unseen")[0]

@@ -124,7 +124,7 @@ class TabState:
         self._estimated, self._estimated_under = (values, weights, builtin, text, upload), (state.run_dir, state.status)
         try:
             config = self.config(values, weights, builtin, text, upload)
-            sets = evaluation_sets(load_prompts(config.prompts), config.eval_prompts, config.eval_max_prompts)
+            sets = evaluation_sets(load_prompts(config.prompts), config.evaluation_prompts(), config.eval_max_prompts)
         except PrdpError as exc:
             return f"Cannot estimate this run yet: {exc}"
         return describe_run(config, sets, measured_pace(self.context.output_dir, config))

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from prdp_core.config import (BASIC_FIELDS, LOW_VRAM, FieldSpec, TrainConfig, check_file_name, config_fields,
-                              field_specs, from_widget, to_widget)
+from prdp_core.config import (AUTO_EVAL_PROMPTS, BASIC_FIELDS, LOW_VRAM, FieldSpec, TrainConfig, check_file_name,
+                              config_fields, field_specs, from_widget, to_widget)
 from prdp_core.errors import ConfigError, PrdpError
 from prdp_core.export import EXPORT_DTYPES, FORMATS, export_lora, run_thumbnail
 from prdp_core.models import BUILTIN_MODELS
@@ -170,7 +170,8 @@ class PRDPTrainLoRA:
                             "is empty."}),
             "eval_prompts": _text(defaults.eval_prompts, "Held-out prompts, evaluated before and after beside the "
                                   "training ones: one per line, or one line naming a set (builtin:NAME) or a file; "
-                                  "empty: none.", multiline=True),
+                                  "auto: the toy's own with builtin:toy, none with other models; empty: none.",
+                                  multiline=True),
         }
         required.update({name: comfy_input(spec) for name, spec in specs.items() if name not in required})
         required.update({
@@ -226,7 +227,8 @@ def _runs_to_continue(config: TrainConfig) -> tuple[RunFolder | None, RunFolder 
 def _prompt_source(text: str, folder: Path) -> str:
     """One line naming a built-in set or a file is that source; other text is prompts, one per line."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    if len(lines) == 1 and (lines[0].startswith(BUILTIN_PREFIX) or Path(lines[0]).expanduser().is_file()):
+    if lines == [AUTO_EVAL_PROMPTS] or len(lines) == 1 and (lines[0].startswith(BUILTIN_PREFIX) or
+                                                             Path(lines[0]).expanduser().is_file()):
         return lines[0]
     return save_typed_prompts(text, folder) or ""
 
