@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 from .config import LOW_VRAM, TrainConfig, config_fields, field_specs, field_type
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except PrdpError as exc:
+        if args.debug and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

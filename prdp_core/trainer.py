@@ -104,6 +104,10 @@ class Trainer:
             except _Cancelled:  # what went wrong while ending a stopped run fails it like any other error
                 return self._end_stopped()
         except PrdpError as exc:
+            if exc.__cause__ is not None:  # wrapping an error of a library or of the user's own code: keep its story
+                log = self._log_traceback()
+                if log:
+                    exc.args = (f"{str(exc).rstrip('.')} (traceback in {log}).",)
             self._emit(Failed(str(exc), self.run_dir))
             raise
         except torch.cuda.OutOfMemoryError:

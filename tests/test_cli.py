@@ -254,3 +254,17 @@ def test_the_toy_defaults_do_not_leak_into_real_runs(tmp_path, capsys):
     assert main(["train", "--model", str(checkpoint), "--out", str(tmp_path / "runs")]) == 2
     assert "only fit builtin:toy; for" in _error_line(capsys) and not (tmp_path / "runs").exists()
     assert Trainer(TrainConfig(device="cpu")).eval_sets["unseen"][0] == load_prompts("builtin:toy_unseen")[0]
+
+
+def test_an_error_in_the_users_reward_code_keeps_its_traceback(tmp_path, capsys):
+    scorer = tmp_path / "my_scorer.py"
+    scorer.write_text("def score(images, prompts):\n    return helper(images)\n\n\n"
+                      "def helper(images):\n    raise KeyError('brightness')\n")
+    args = ["train", "--reward", f"{scorer}:score", "--out", str(tmp_path / "runs"), "--run-name", "mine", *TINY]
+    assert main(args) == 2
+    line = _error_line(capsys)  # one line, which says where the whole story is
+    assert "KeyError" in line and "brightness" in line and "error.log" in line
+    logged = (tmp_path / "runs" / "mine" / "error.log").read_text()
+    assert 'my_scorer.py", line 6, in helper' in logged  # down to the user's own line
+    assert main(["--debug", *args[:-len(TINY)], "--run-name", "again", *TINY]) == 2
+    assert 'my_scorer.py", line 6, in helper' in capsys.readouterr().err  # --debug shows it as well

@@ -42,7 +42,7 @@ def _import_file(target: str):
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:
-        raise RewardError(f"custom reward file {target} failed to import: {type(exc).__name__}: {exc}.") from None
+        raise RewardError(f"custom reward file {target} failed to import: {type(exc).__name__}: {exc}.") from exc
     return module
 
 
@@ -53,4 +53,4 @@ def _import_module(target: str):
         raise RewardError(f"custom reward module {target!r} cannot be imported ({exc}); install it or put it on "
                           f"PYTHONPATH.") from None
     except Exception as exc:
-        raise RewardError(f"custom reward module {target!r} failed to import: {type(exc).__name__}: {exc}.") from None
+        raise RewardError(f"custom reward module {target!r} failed to import: {type(exc).__name__}: {exc}.") from exc
