@@ -71,6 +71,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.reward_mix = RewardMix(config.rewards, device=self.device, dtype=config.reward_dtype,
                                     options=config.reward_options, normalization=config.reward_normalization)
+        self.reward_mix.check()
         self.objective = make_objective(config)
         # The noisiest steps come first; the objective sees log-probs of the first `trained_steps` of them.
         self.trained_steps = config.trained_steps()

@@ -204,3 +204,18 @@ def test_server_failing_mid_training_keeps_the_finished_epoch(serve, no_backoff,
     assert resumed[0].start_epoch == 1 and resumed[-1].kind == "Finished"
     with safe_open(str(resumed[-1].lora_path), framework="pt") as f:  # a shared LoRA must not leak the address
         assert json.loads(f.metadata()["prdp_config"])["reward_options"] == {"http": {"url": "<url>", "retries": 1}}
+
+
+def test_a_server_that_is_not_running_is_found_before_anything_loads(serve, tiny_config, monkeypatch):
+    with socket.socket() as probe:  # a port nobody listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    loaded = []
+    monkeypatch.setattr("prdp_core.trainer.load_pipeline", lambda *args, **kwargs: loaded.append(1))
+    config = TrainConfig.from_dict({**tiny_config.to_dict(), "rewards": {"http": 1.0},
+                                    "reward_options": {"http": {"url": f"http://127.0.0.1:{port}/score"}}})
+    with pytest.raises(RewardError, match=rf"cannot reach reward server http://127.0.0.1:{port}/score .*start it"):
+        Trainer(config).run()
+    assert loaded == []  # found before the model loads
+    without_health = serve(handler=_stub())  # a server of the user's own, with no /health page: it answers
+    Trainer(TrainConfig.from_dict({**config.to_dict(), "reward_options": {"http": {"url": without_health}}}))

@@ -35,6 +35,10 @@ class Reward:
     def load(self) -> None:
         """Load weights; called once, before the first batch."""
 
+    def check(self) -> None:
+        """Raise RewardError if the reward cannot work at all; called before a run loads anything, so it must be
+        quick (a server that is not there, not weights that are slow to load)."""
+
     def score_batch(self, images: list, prompts: list[str]) -> Sequence[float] | torch.Tensor | np.ndarray:
         raise NotImplementedError
 
@@ -187,6 +191,11 @@ class RewardMix:
         normalization: evaluations use it, since z-scores of different batches are not comparable."""
         components = {name: reward.score(images, prompts) for name, reward in self.rewards.items()}
         return self.combine(components, normalize), components
+
+    def check(self) -> None:
+        """Each reward's quick check (see Reward.check)."""
+        for reward in self.rewards.values():
+            reward.check()
 
     def offload(self) -> None:
         """Every loaded reward model to the CPU until it scores again."""

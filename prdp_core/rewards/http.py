@@ -25,6 +25,7 @@ from ..errors import RewardError
 from .base import Reward, register_reward
 
 BACKOFF_S = 0.5  # first retry's wait; doubles each retry
+CHECK_TIMEOUT_S = 10.0  # the check before a run: the server answers, however slow its scoring is
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
@@ -55,6 +56,21 @@ class HttpReward(Reward):
         local = urllib.parse.urlsplit(url).hostname in _LOOPBACK
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if local else \
             urllib.request.build_opener()
+
+    def check(self) -> None:
+        """The server answers at all (GET /health on its host; any HTTP answer will do, a server need not have it),
+        so that a server that is not running is found before the run loads a model and samples its first images."""
+        parts = urllib.parse.urlsplit(self.url)
+        health = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/health", "", ""))
+        try:
+            with self._opener.open(health, timeout=min(self.timeout, CHECK_TIMEOUT_S)):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise RewardError(f"cannot reach reward server {self.url} ({reason}); start it (prdp reward-server "
+                              f"--reward NAME) or fix the url option of the http reward.") from None
 
     def score_batch(self, images, prompts):
         body = json.dumps({"images": [_png_base64(image) for image in images], "prompts": prompts}).encode()
