@@ -5,13 +5,24 @@ The engine API used by every face (CLI, Gradio tab, ComfyUI nodes, A1111 extensi
 resume), the reward registry, and `export_lora` (kohya files that ComfyUI, A1111 and diffusers load).
 """
 
+from __future__ import annotations
+
+import importlib
+
 from .config import TrainConfig
 from .errors import PrdpError
-from .export import LoraWeights, export_lora
-from .rewards import Reward, RewardMix, create_reward, register_reward, reward_names
-from .trainer import Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "Trainer", "PrdpError", "LoraWeights", "export_lora", "Reward", "RewardMix",
-           "create_reward", "register_reward", "reward_names", "__version__"]
+# Imported on first use: torch and diffusers take seconds to import, and `prdp --help` or a host listing its
+# extensions needs neither.
+_LAZY = {"Trainer": "trainer", "LoraWeights": "export", "export_lora": "export", "Reward": "rewards",
+         "RewardMix": "rewards", "create_reward": "rewards", "register_reward": "rewards", "reward_names": "rewards"}
+
+__all__ = ["TrainConfig", "PrdpError", *_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import sys
@@ -501,11 +502,9 @@ def cmd_reward_server(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ ui
 def cmd_ui(args) -> int:
-    try:
-        import gradio  # noqa: F401  (only the tab needs it)
-    except ImportError:
+    if importlib.util.find_spec("gradio") is None:  # the tab (prdp_ui) imports it; the engine never does
         raise PrdpError("the tab needs Gradio, which is not installed; install it with pip install "
-                        "'prdp-lora[ui]'.") from None
+                        "'prdp-lora[ui]'.")
     from prdp_ui import HostContext, build_tab, discover_models
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
