@@ -336,3 +336,29 @@ def test_imagereward_damaged_or_foreign_checkpoints_are_named(tmp_path, hps_chec
     with pytest.raises(RewardError, match=r"ImageReward checkpoint .*missing.pt does not exist; pass the path of "
                                           r"ImageReward\.pt"):
         score_with(tmp_path / "missing.pt")
+
+
+def test_hps_cleans_prompts_as_open_clip_does(hps_checkpoint, clip_tokenizer_dir):
+    # OpenCLIP's tokenizer unescapes HTML (twice) and collapses whitespace before BPE; prompts scraped from the web
+    # carry both, and the reward must score the text its model was trained on
+    path, _ = hps_checkpoint
+    reward = create_reward("hps", options={"checkpoint": path, "tokenizer": clip_tokenizer_dir})
+    images = _images()[:2]
+    raw = reward.score(images, ["a cat &amp;amp; a dog", "  a red\n\tcar  "])
+    clean = reward.score(images, ["a cat & a dog", "a red car"])
+    assert torch.equal(raw, clean)
+
+
+def test_imagereward_head_stays_fp32_in_a_bf16_reward(tmp_path, bert_tokenizer_dir):
+    # the head turns a 768-d feature into one score: bf16's 8-bit mantissa there moves scores by ~0.05 (as the
+    # aesthetic reward's head, it is kept in fp32 while the towers run in the reward dtype)
+    path = tmp_path / "ImageReward.pt"
+    torch.save(_blip_state(), path)
+    reward = create_reward("imagereward", dtype="bf16", options={"checkpoint": str(path),
+                                                                  "tokenizer": bert_tokenizer_dir})
+    seen = []
+    reward.ensure_loaded()
+    reward.model.head.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype,
+                                                                                         output.dtype)))
+    reward.score(_images(), PROMPTS)
+    assert seen == [(torch.float32, torch.float32)]

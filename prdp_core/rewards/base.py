@@ -74,7 +74,8 @@ class Reward:
             self._offloaded = False
         scores = []
         for start in range(0, len(images), self.batch_size):
-            batch_images, batch_prompts = images[start:start + self.batch_size], list(prompts[start:start + self.batch_size])
+            end = start + self.batch_size
+            batch_images, batch_prompts = images[start:end], list(prompts[start:end])
             try:
                 out = self.score_batch(batch_images, batch_prompts)
             except RewardError:

@@ -9,8 +9,10 @@ The checkpoint-reading helpers here are shared with the ImageReward reward."""
 
 from __future__ import annotations
 
+import html
 import math
 import os
+import re
 from typing import Callable
 
 import numpy as np
@@ -61,11 +63,18 @@ class HPS(Reward):
         pixels = torch.stack([hps_pixels(image, self.image_size) for image in images]).to(self.device, self.dtype)
         # Padding to the longest prompt instead of OpenCLIP's 77 changes nothing: the text tower is causal and its
         # features are read at the end-of-text token, the first one, as OpenCLIP's argmax over the ids finds it.
-        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.context_length,
+        tokens = self.tokenizer([open_clip_clean(prompt) for prompt in prompts], padding=True, truncation=True,
+                                max_length=self.context_length,
                                 return_tensors="pt").input_ids.to(self.device)
         image_features = self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output)
         text_features = self.model.text_projection(self.model.text_model(input_ids=tokens).pooler_output)
         return F.cosine_similarity(image_features.float(), text_features.float(), dim=-1).cpu()
+
+
+def open_clip_clean(text: str) -> str:
+    """OpenCLIP's tokenizer's cleaning before BPE: HTML entities unescaped twice (web captions are often escaped
+    twice) and runs of whitespace made one space. (It also runs ftfy where installed, for broken unicode.)"""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
 def hps_pixels(image, size: int) -> torch.Tensor:

@@ -46,7 +46,7 @@ class ImageRewardModel(torch.nn.Module):
         image_tokens = self.vision(pixel_values=pixels).last_hidden_state
         text = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_tokens,
                          is_decoder=False).last_hidden_state
-        return self.head(text[:, 0]).squeeze(-1)
+        return self.head(text[:, 0].float()).squeeze(-1)  # the head in fp32 whatever the towers' dtype
 
 
 @register_reward("imagereward")
@@ -71,6 +71,7 @@ class ImageReward(Reward):
         self.model = build_from_weights(lambda: ImageRewardModel(vision_config, text_config, head_sizes), weights,
                                         origins, path)
         self.model.to(self.device, self.dtype).eval()
+        self.model.head.float()  # one score from 768 features: bf16 would move it by ~0.05
         self.image_size = vision_config.image_size
 
     @torch.no_grad()
