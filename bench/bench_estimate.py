@@ -23,9 +23,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from prdp_core.config import TrainConfig  # noqa: E402
-from prdp_core.estimate import measured_pace, run_work  # noqa: E402
+from prdp_core.estimate import run_work  # noqa: E402
 from prdp_core.events import RunStarted  # noqa: E402
 from prdp_core.prompts import evaluation_sets, load_prompts  # noqa: E402
+from prdp_core.session import measured_pace  # noqa: E402
 from prdp_core.trainer import Trainer  # noqa: E402
 
 QUICK = {"epochs": 2, "prompts_per_epoch": 2, "images_per_prompt": 4, "num_steps": 10, "eval_max_prompts": 4,

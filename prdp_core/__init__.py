@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 # Imported on first use: torch and diffusers take seconds to import, and `prdp --help` or a host listing its
 # extensions needs neither.
-_LAZY = {"Trainer": "trainer", "LoraWeights": "export", "export_lora": "export", "Reward": "rewards",
+_LAZY = {"Trainer": "trainer", "LoraWeights": "lora_weights", "export_lora": "export", "Reward": "rewards",
          "RewardMix": "rewards", "create_reward": "rewards", "register_reward": "rewards", "reward_names": "rewards"}
 
 __all__ = ["TrainConfig", "PrdpError", *_LAZY, "__version__"]

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from .errors import PrdpError
-from .export import LoraWeights
+from .lora_weights import LoraWeights
 
 FOLDER = "checkpoints"
 _NAME = re.compile(r"epoch-\d+")

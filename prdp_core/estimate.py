@@ -3,14 +3,12 @@ it runs.
 
 Work is counted in UNet image-steps: one image's latent through the UNet at one sampling step, two with classifier-free
 guidance; a backward pass counts as two. Seconds come from this machine: before a run, the pace a finished epoch of an
-earlier run with the same model and size measured; during a run, its own pace since it began."""
+earlier run with the same model and size measured (session.measured_pace); during a run, its own pace since it
+began."""
 
 from __future__ import annotations
 
-import json
-import statistics
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 from .config import TrainConfig
@@ -93,24 +91,3 @@ def run_work(config: TrainConfig, eval_prompts: Mapping[str, int]) -> RunWork:
         # K forward + backward passes, and K - 1 passes that recompute the log-probs after an update
         passes={"sampling": images * config.num_steps * guidance, "reference": reference,
                 "optimization": updates * (1 + BACKWARD) * trained + (updates - 1) * trained})
-
-
-def measured_pace(runs_folder: str | Path, config: TrainConfig) -> float | None:
-    """Seconds per image-step that earlier runs in `runs_folder` measured with the same model, size, precision and
-    device (the median of their epochs), or None where none did."""
-    from .session import list_runs
-    from .trainer import METRICS_FILE
-
-    same = ("model", "resolution", "precision", "device", "vae")
-    paces = []
-    for run in list_runs(runs_folder):
-        if any(getattr(run.config, name) != getattr(config, name) for name in same):
-            continue
-        epoch = run_work(run.config, {}).epoch
-        for line in (run.path / METRICS_FILE).read_text(encoding="utf-8").splitlines():
-            seconds = json.loads(line).get("timings", {}).get("total") if line.strip() else None
-            if seconds:
-                paces.append(seconds / epoch)
-        if paces:
-            return statistics.median(paces)
-    return None

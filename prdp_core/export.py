@@ -1,6 +1,6 @@
-"""The trained adapter as data (`LoraWeights`), and its export to files that ComfyUI, A1111/Forge and diffusers load.
+"""Export of the trained adapter (`LoraWeights`) to files that ComfyUI, A1111/Forge and diffusers load.
 
-kohya layout (the default; see shared/reference/lora-and-hosts.md section 1): for every wrapped module
+kohya layout (the default, as kohya-ss/sd-scripts writes it): for every wrapped module
 `lora_unet_<module path with . -> _>` holds `.lora_down.weight` (= PEFT lora_A), `.lora_up.weight` (= lora_B)
 and `.alpha` (= the trained lora_alpha, so every host applies scale alpha / rank). No other tensors. The module
 path is the diffusers one for SD1/SD2 (kohya trains those on a diffusers-shaped UNet) and the SGM/LDM one for SDXL
@@ -20,15 +20,14 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 from .errors import ExportError
-from .files import atomic_path, atomic_write_bytes, atomic_write_text
+from .files import atomic_write_bytes, atomic_write_text
+from .lora_weights import LoraWeights
 from .models import ModelInfo
 
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -42,61 +41,6 @@ _ARCHITECTURE = {"sd_v1": "stable-diffusion-v1/lora", "sd_v2": "stable-diffusion
 # kohya names SD1/SD2 LoRAs by diffusers paths, SDXL LoRAs by the Stability (SGM) UNet's paths.
 _IMPLEMENTATION = {"sd1": "diffusers", "sd2": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
 A1111_SD_VERSION = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}  # the card editor's "sd version" choices
-
-
-@dataclass
-class LoraWeights:
-    """A UNet LoRA independent of any model object: PEFT-named fp32 tensors plus what is needed to export them."""
-
-    state_dict: dict[str, torch.Tensor]  # "down_blocks.1...attn1.to_q.lora_A.weight" -> tensor
-    rank: int
-    alpha: float
-    targets: list[str]
-    model: ModelInfo
-    training: dict[str, str] = field(default_factory=dict)  # prdp_* metadata (config, reward mix, steps, ...)
-
-    @classmethod
-    def from_unet(cls, unet, model: ModelInfo, training: dict[str, str] | None = None) -> "LoraWeights":
-        from peft.utils import get_peft_model_state_dict
-
-        config = unet.peft_config["default"]
-        state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(unet).items()}
-        return cls(state, int(config.r), float(config.lora_alpha), sorted(config.target_modules), model,
-                   dict(training or {}))
-
-    def modules(self) -> list[str]:
-        """Module paths in a stable order."""
-        names = []
-        for key in self.state_dict:
-            module, _, suffix = key.rpartition(".lora_")
-            if suffix not in ("A.weight", "B.weight"):
-                raise ExportError(f"unexpected adapter tensor {key!r}; only plain LoRA (lora_A/lora_B) can be exported.")
-            if suffix == "A.weight":
-                names.append(module)
-        return sorted(names)
-
-    # -------------------------------------------------------------- the checkpoint file (lossless, fp32, PEFT names)
-    def save(self, path: str | os.PathLike) -> None:
-        meta = {"prdp_format": "peft-lora-v1", "prdp_rank": str(self.rank), "prdp_alpha": repr(self.alpha),
-                "prdp_targets": json.dumps(self.targets), "prdp_model": json.dumps(self.model.__dict__), **self.training}
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in self.state_dict.items()}, str(tmp), metadata=meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "LoraWeights":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except (OSError, SafetensorError) as exc:
-            raise ExportError(f"{path} cannot be read ({exc}); it is missing or damaged.") from None
-        if meta.get("prdp_format") != "peft-lora-v1":
-            raise ExportError(f"{path} is not a prdp checkpoint adapter file.")
-        training = {k: v for k, v in meta.items()
-                    if k.startswith("prdp_") and k not in ("prdp_format", "prdp_rank", "prdp_alpha", "prdp_targets",
-                                                           "prdp_model")}
-        return cls(state, int(meta["prdp_rank"]), float(meta["prdp_alpha"]), json.loads(meta["prdp_targets"]),
-                   ModelInfo(**json.loads(meta["prdp_model"])), training)
 
 
 def run_thumbnail(run_dir: str | os.PathLike):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -234,6 +235,26 @@ def matching_runs(folder: str | Path, config: TrainConfig, ignore: tuple[str, ..
 
     wanted = identity(config)
     return [run for run in list_runs(folder) if identity(run.config) == wanted]
+
+
+def measured_pace(runs_folder: str | Path, config: TrainConfig) -> float | None:
+    """Seconds per image-step that earlier runs in `runs_folder` measured with the same model, size, precision and
+    device (the median of their epochs), or None where none did."""
+    from .trainer import METRICS_FILE
+
+    same = ("model", "resolution", "precision", "device", "vae")
+    paces = []
+    for run in list_runs(runs_folder):
+        if any(getattr(run.config, name) != getattr(config, name) for name in same):
+            continue
+        epoch = run_work(run.config, {}).epoch
+        for line in (run.path / METRICS_FILE).read_text(encoding="utf-8").splitlines():
+            seconds = json.loads(line).get("timings", {}).get("total") if line.strip() else None
+            if seconds:
+                paces.append(seconds / epoch)
+        if paces:
+            return statistics.median(paces)
+    return None
 
 
 def read_run_config(run_dir: Path) -> TrainConfig | None:

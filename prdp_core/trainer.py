@@ -31,7 +31,8 @@ from .config import TrainConfig
 from .errors import ConfigError, PrdpError
 from .events import (CheckpointWritten, EpochEnd, EpochSampled, Evaluated, Event, Failed, Finished, Progress,
                      RunStarted, StepMetrics)
-from .export import LoraWeights, export_lora
+from .export import export_lora
+from .lora_weights import LoraWeights
 from .files import atomic_write_text
 from .models import (add_lora, apply_memory_options, load_pipeline, lora_disabled, lora_modules, lora_parameters,
                      model_info, resolve_device)

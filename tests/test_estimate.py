@@ -4,8 +4,8 @@ the run's own pace."""
 import pytest
 
 from prdp_core.config import TrainConfig
-from prdp_core.estimate import measured_pace, run_work
-from prdp_core.session import Snapshot
+from prdp_core.estimate import run_work
+from prdp_core.session import Snapshot, measured_pace
 
 CONFIG = TrainConfig(epochs=3, prompts_per_epoch=2, images_per_prompt=4, num_steps=10, guidance_scale=5.0,
                      train_step_fraction=0.15, updates_per_epoch=4, eval_images_per_prompt=2)

@@ -125,7 +125,8 @@ def test_reward_options_reach_the_reward_and_unknown_ones_are_named():
 
 
 def test_batch_zscore_mix_equals_hand_computation_and_keeps_raw_components():
-    from prdp_core.rewards.base import _REGISTRY, batch_zscore
+    from prdp_core.rewards.base import _REGISTRY
+    from prdp_core.rewards.mix import batch_zscore
 
     class Constant(Reward):
         name = "constant_test"

@@ -8,7 +8,7 @@ import torch
 
 from prdp_core import TrainConfig, Trainer
 from prdp_core.checkpoints import latest_checkpoint
-from prdp_core.export import LoraWeights
+from prdp_core.lora_weights import LoraWeights
 
 
 def _final_weights(run_dir):

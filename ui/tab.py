@@ -16,12 +16,13 @@ from typing import Callable, ContextManager, NamedTuple
 
 from prdp_core.config import TrainConfig, check_file_name, field_specs, to_widget
 from prdp_core.errors import PrdpError
-from prdp_core.estimate import measured_pace, run_work
+from prdp_core.estimate import run_work
 from prdp_core.export import export_lora, run_thumbnail
 from prdp_core.plots import line_plot
 from prdp_core.prompts import builtin_prompt_sets, evaluation_sets, load_prompts
 from prdp_core.rewards import reward_names
-from prdp_core.session import WAITING_FOR_GPU, BusyError, RunSession, Snapshot, read_run_config
+from prdp_core.session import (WAITING_FOR_GPU, BusyError, RunSession, Snapshot, measured_pace,
+                               read_run_config)
 
 from .form import (ADVANCED, BASIC, EVALUATION, FIELDS, QUICK_TRY, REWARD, config_to_form, form_to_config,
                    prompt_source)
