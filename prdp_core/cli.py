@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from .config import LOW_VRAM, TrainConfig, config_fields, field_specs, field_type
-from .errors import ConfigError, PrdpError
+from .errors import ConfigError, PrdpError, library_reason
 
 TRAIN_EPILOG = """examples:
   prdp train                                   # the embedded default: a tiny model on CPU, JPEG reward
@@ -403,7 +403,7 @@ def cmd_sample(args) -> int:
             # folder + weight_name: diffusers before the fix of its issue 14195 refuses a bare file path offline
             pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="prdp")
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise PrdpError(f"LoRA {lora} does not fit model {args.model}: {str(exc).splitlines()[0]}") from None
+            raise PrdpError(f"LoRA {lora} does not fit model {args.model}: {library_reason(exc)}") from None
         pipe.set_adapters(["prdp"], adapter_weights=[args.lora_scale])
         variants.append("lora")
     rows, titles = [], []
@@ -507,7 +507,9 @@ def cmd_ui(args) -> int:
                         "'prdp-lora[ui]'.")
     from prdp_ui import HostContext, build_tab, discover_models
 
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    from .network import LOOPBACK_HOSTS
+
+    if args.host not in LOOPBACK_HOSTS:
         print(f"warning: serving on {args.host} lets other machines start training runs here (no authentication).",
               file=sys.stderr)
     context = HostContext(models=discover_models(args.models), lora_dir=Path(args.loras), output_dir=Path(args.out),

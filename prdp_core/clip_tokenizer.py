@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 CONFIGS_DIR = Path(__file__).parent / "model_configs"
 BPE_FILE = CONFIGS_DIR / "bpe_simple_vocab_16e6.txt.gz"
@@ -45,19 +46,41 @@ def clip_merges() -> tuple[str, ...]:
     return tuple(lines[1:NUM_MERGES + 1])
 
 
-def clip_vocab() -> dict[str, int]:
-    """Token -> id, in SimpleTokenizer's order: bytes, bytes + "</w>", merged pairs, then the two specials."""
+def byte_level_vocab(merges: Sequence[str] = ()) -> dict[str, int]:
+    """Token -> id, in SimpleTokenizer's order: bytes, bytes + "</w>", each merge ("a b") joined, the two specials."""
     chars = bytes_to_unicode()
-    tokens = chars + [c + "</w>" for c in chars] + [line.replace(" ", "") for line in clip_merges()] + [BOS, EOS]
-    return {token: index for index, token in enumerate(tokens)}
+    vocab: dict[str, int] = {}
+    for token in chars + [c + "</w>" for c in chars] + [line.replace(" ", "") for line in merges] + [BOS, EOS]:
+        vocab.setdefault(token, len(vocab))
+    return vocab
+
+
+def clip_vocab() -> dict[str, int]:
+    return byte_level_vocab(clip_merges())
+
+
+def write_vocab_files(folder: str | os.PathLike, merges: Sequence[str] = ()) -> None:
+    """vocab.json and merges.txt of the byte-level vocabulary plus `merges` ("a b" lines), as the SD/CLIP hub repos
+    hold them: the files every transformers version's CLIPTokenizer reads (transformers 5 saves only
+    tokenizer.json)."""
+    folder = Path(folder)
+    (folder / "vocab.json").write_text(json.dumps(byte_level_vocab(merges), ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text(MERGES_HEADER + "\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
 
 
 def write_clip_vocab_files(folder: str | os.PathLike) -> None:
-    """vocab.json and merges.txt as the SD/CLIP hub repos hold them (what every transformers version reads)."""
-    folder = Path(folder)
-    (folder / "vocab.json").write_text(json.dumps(clip_vocab(), ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text(MERGES_HEADER + "\n" + "".join(m + "\n" for m in clip_merges()),
-                                       encoding="utf-8")
+    write_vocab_files(folder, clip_merges())
+
+
+def build_tokenizer(merges: Sequence[str] = (), pad_token: str | None = None, model_max_length: int = 77):
+    """A transformers CLIPTokenizer over the byte-level vocabulary plus `merges`, built without any download (no
+    merges: every word splits into characters, yet any text tokenises deterministically)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:  # the file-based constructor works in transformers 4.x and 5.x
+        write_vocab_files(folder, merges)
+        extra = {"pad_token": pad_token} if pad_token else {}
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length, **extra)
 
 
 def pad_token_of(tokenizer_folder: str | os.PathLike) -> str:
@@ -75,11 +98,7 @@ def pad_token_of(tokenizer_folder: str | os.PathLike) -> str:
 
 def build_clip_tokenizer(pad_token: str = EOS, model_max_length: int = 77):
     """A transformers CLIPTokenizer with CLIP's full vocabulary, built without any download."""
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as folder:  # the file-based constructor works in transformers 4.x and 5.x
-        write_clip_vocab_files(folder)
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length, pad_token=pad_token)
+    return build_tokenizer(clip_merges(), pad_token, model_max_length)
 
 
 def tokenizers_for(config_folder: str | os.PathLike) -> dict:

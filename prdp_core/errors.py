@@ -28,3 +28,11 @@ class RewardError(PrdpError):
 
 class ExportError(PrdpError):
     """A LoRA could not be exported."""
+
+
+def library_reason(exc: BaseException, clause: bool = False) -> str:
+    """The gist of a library's error, to quote inside one of our sentences: the first line of its message (with
+    `clause`, only up to its first full stop), else the exception's type name."""
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    return reason.split(". ")[0].rstrip(".")[:200] if clause else reason

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .errors import ModelLoadError
+from .clip_tokenizer import build_tokenizer
+from .errors import ModelLoadError, library_reason
 
 # builtin:toy (the default) is the toy-world model trained by prdp_core.toy.train_model and shipped in the package;
 # builtin:tiny and builtin:tiny-xl have random weights in SD1 and SDXL shapes (fast tests of the machinery);
@@ -184,7 +184,7 @@ def _wrap_load(spec: str, load):
             warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
             return load()
     except (OSError, ValueError, EnvironmentError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = library_reason(exc)
         if offline or "offline" in reason.lower() or "connect" in reason.lower():
             raise ModelLoadError(f"model {spec!r} is not on this machine and the hub cannot be reached (offline); "
                                  f"download it first or pass a local diffusers folder or .safetensors file.") from None
@@ -259,7 +259,7 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = build_byte_tokenizer()
+    tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
@@ -312,38 +312,12 @@ def build_random_pipeline(folder: Path, dtype: torch.dtype = torch.float32, devi
     finally:
         torch.set_default_dtype(default_dtype)
     scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(folder / "scheduler"))
-    tokenizers = {name.replace("text_encoder", "tokenizer"): build_byte_tokenizer() for name in encoders}
+    tokenizers = {name.replace("text_encoder", "tokenizer"): build_tokenizer() for name in encoders}
     if index["_class_name"] == "StableDiffusionXLPipeline":
         return StableDiffusionXLPipeline(unet=unet, vae=vae, scheduler=scheduler, **encoders, **tokenizers,
                                          force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
     return StableDiffusionPipeline(unet=unet, vae=vae, scheduler=scheduler, **encoders, **tokenizers,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-def build_byte_tokenizer(model_max_length: int = 77, merges: Sequence[tuple[str, str]] = ()):
-    """A CLIP tokenizer over a byte-level base vocabulary plus the given BPE `merges` (none: every word splits
-    into characters). Needs no vocabulary file from a hub, yet tokenises any text deterministically."""
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as folder:  # the file-based constructor works in transformers 4.x and 5.x
-        write_tokenizer_files(folder, merges)
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
-
-
-def write_tokenizer_files(folder: str | Path, merges: Sequence[tuple[str, str]] = ()) -> None:
-    """vocab.json and merges.txt of the byte-level vocabulary plus `merges`: the files every transformers
-    version's CLIPTokenizer reads (transformers 5 itself saves only tokenizer.json)."""
-    from .clip_tokenizer import bytes_to_unicode
-
-    chars = bytes_to_unicode()
-    vocab = {}
-    for token in chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>",
-                                                                                      "<|endoftext|>"]:
-        vocab.setdefault(token, len(vocab))
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
 def make_text_encoder_portable(folder: str | Path) -> None:
@@ -364,7 +338,7 @@ def build_tiny_sd2_pipeline(seed: int = 0):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = build_byte_tokenizer()
+    tokenizer = build_tokenizer()
     tokenizer.pad_token = "!"
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -391,8 +365,8 @@ def build_tiny_xl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    tokenizer = build_byte_tokenizer()
-    tokenizer_2 = build_byte_tokenizer()
+    tokenizer = build_tokenizer()
+    tokenizer_2 = build_tokenizer()
     tokenizer_2.pad_token = "!"  # as SDXL's OpenCLIP tokenizer pads
     torch.manual_seed(seed)
     time_embed_dim = 8

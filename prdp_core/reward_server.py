@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from PIL import Image
 
 from .errors import PrdpError, RewardError
+from .network import LOOPBACK_HOSTS
 from .rewards.base import Reward
 
 MAX_BODY_BYTES = 1 << 30  # a request beyond 1 GiB is a mistake, not a batch of images
@@ -122,7 +123,7 @@ def serve(reward: Reward, host: str = "127.0.0.1", port: int = 8765) -> None:
     except OSError as exc:
         raise PrdpError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or "
                         f"--host.") from None
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK_HOSTS:
         print(f"warning: listening on {host}: anyone who can reach port {server.server_address[1]} can use this "
               f"reward (there is no authentication).", file=sys.stderr)
     print(f"serving reward {reward.name!r} at {server.url} (POST images and prompts as JSON; GET /health); "

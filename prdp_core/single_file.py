@@ -25,7 +25,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 
 from .clip_tokenizer import CONFIGS_DIR, tokenizers_for
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, library_reason
 
 CONFIG_FOLDERS = {name: CONFIGS_DIR / name for name in ("sd15", "sd21_base", "sd21", "sdxl_base")}
 SUPPORTED = "prdp trains SD1.x, SD2.x and SDXL base checkpoints"
@@ -454,20 +454,14 @@ def _diffusers_call(name: str, load):
             warnings.filterwarnings("ignore", message=".*torch_dtype.* is deprecated", category=FutureWarning)
             return load()
     except SingleFileComponentError as exc:
-        raise ModelLoadError(f"{name} could not be converted ({_first_clause(exc.message or exc)}); "
+        raise ModelLoadError(f"{name} could not be converted ({library_reason(exc.message or exc, clause=True)}); "
                              f"{SUPPORTED}.") from None
     except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
         if "meta tensor" in str(exc):  # diffusers found no weights for some layers and left them empty
             raise ModelLoadError(f"{name} lacks weights for some layers (incomplete, or a modified architecture); "
                                  f"{SUPPORTED}.") from None
-        raise ModelLoadError(f"{name} could not be loaded ({_first_clause(exc)}); it may be damaged or a modified "
-                             f"architecture, and {SUPPORTED}.") from None
-
-
-def _first_clause(error) -> str:
-    """The gist of a library error, short enough to sit inside our one-sentence message."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text.split(". ")[0].rstrip(".")[:200]
+        raise ModelLoadError(f"{name} could not be loaded ({library_reason(exc, clause=True)}); it may be damaged or a "
+                             f"modified architecture, and {SUPPORTED}.") from None
 
 
 def _set_prediction(pipe, prediction_type: str | None, zero_terminal_snr: bool) -> None:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from prdp_core.errors import RewardError
-from prdp_core.models import write_tokenizer_files
+from prdp_core.clip_tokenizer import write_vocab_files
 from prdp_core.rewards import create_reward
 from prdp_core.rewards.clip import ClipPreprocess
 
@@ -35,7 +35,7 @@ def clip_folder(tmp_path_factory):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     folder = tmp_path_factory.mktemp("clip")
-    write_tokenizer_files(folder, merges=[("r", "e"), ("a", "n")])
+    write_vocab_files(folder, ["r e", "a n"])
     tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=77)
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)

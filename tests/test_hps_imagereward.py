@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from prdp_core.errors import RewardError
-from prdp_core.models import write_tokenizer_files
+from prdp_core.clip_tokenizer import write_vocab_files
 from prdp_core.rewards import create_reward
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
@@ -120,7 +120,7 @@ def _hps_pixels_by_hand(images):
 def clip_tokenizer_dir(tmp_path):
     folder = tmp_path / "clip_tokenizer"
     folder.mkdir()
-    write_tokenizer_files(folder)
+    write_vocab_files(folder)
     return str(folder)
 
 

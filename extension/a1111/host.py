@@ -156,7 +156,9 @@ def ui_tabs() -> list:
 
 
 def dependency_message(exc: Exception) -> str:
-    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else type(exc).__name__
+    from prdp_core.errors import library_reason  # the standard library only: it loads when the others do not
+
+    reason = f"{type(exc).__name__}: {library_reason(exc)}"
     installer = Path(__file__).resolve().parents[2] / "install.py"
     return (f"The PRDP tab could not load its libraries ({reason}); run `\"{sys.executable}\" \"{installer}\"`, which "
             f"installs what is missing at versions that work with this webui's pinned libraries, then restart the "

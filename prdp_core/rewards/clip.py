@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import RewardError
+from ..errors import RewardError, library_reason
 from .base import Reward, register_reward
 
 T = TypeVar("T")
@@ -134,7 +134,7 @@ def _loading(reward: str, option: str, spec: str, load: Callable[[], T]) -> T:
     try:
         return load()
     except (OSError, ValueError) as exc:
-        reason = (str(exc).strip().split(". ")[0].splitlines() or [type(exc).__name__])[0].rstrip(".")
+        reason = library_reason(exc, clause=True)
         fix = f"the {option} option of the {reward} reward"
         if os.path.exists(spec):
             message = f"could not load {option} {spec} ({reason}); pass files in the default's format with {fix}"

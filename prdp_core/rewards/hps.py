@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import RewardError
+from ..errors import RewardError, library_reason
 from .base import Reward, register_reward
 
 HPS_REPO = "xswu/HPSv2"
@@ -210,7 +210,7 @@ def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated download, wrong format, pickled objects: the file is unusable either way
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = library_reason(exc)
         raise RewardError(f"could not read the {what} checkpoint {path}: {reason}; the file is damaged or not a torch "
                           f"checkpoint (download it again).") from None
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
@@ -223,7 +223,7 @@ def load_tokenizer(tokenizer_class, spec: str, reward: str):
     try:
         return tokenizer_class.from_pretrained(os.path.expanduser(spec))
     except Exception as exc:  # not cached offline, bad folder: the user fixes both by pointing at a good one
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = library_reason(exc)
         raise RewardError(f"could not load the {reward} tokenizer {spec!r}: {reason}; pass tokenizer= a hub id or a "
                           f"local folder holding it.") from None
 

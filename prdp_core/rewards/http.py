@@ -22,11 +22,11 @@ import urllib.parse
 import urllib.request
 
 from ..errors import RewardError
+from ..network import LOOPBACK_HOSTS
 from .base import Reward, register_reward
 
 BACKOFF_S = 0.5  # first retry's wait; doubles each retry
 CHECK_TIMEOUT_S = 10.0  # the check before a run: the server answers, however slow its scoring is
-_LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
 class _Retryable(Exception):
@@ -53,7 +53,7 @@ class HttpReward(Reward):
                                   f"{value!r}.")
         self.url, self.timeout, self.retries, self.batch_size = url, float(timeout), retries, batch_size
         # A local server must not be sent through an http_proxy meant for the outside world.
-        local = urllib.parse.urlsplit(url).hostname in _LOOPBACK
+        local = urllib.parse.urlsplit(url).hostname in LOOPBACK_HOSTS
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if local else \
             urllib.request.build_opener()
 

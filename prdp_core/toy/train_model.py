@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from .classifier import to_tensor
 from .world import all_scenes, dataset, scenes
@@ -55,20 +54,21 @@ def learn_merges(words: dict[str, int], max_merges: int = 400) -> list[tuple[str
     return merges
 
 
-def toy_merges() -> list[tuple[str, str]]:
+def toy_merges() -> list[str]:
+    """The BPE merges ("a b") that make every word of the toy captions one token."""
     counts: dict[str, int] = {}
     for scene in all_scenes():
         for word in scene.caption.replace(",", " ,").split():
             counts[word] = counts.get(word, 0) + 1
-    return learn_merges(counts)
+    return [f"{a} {b}" for a, b in learn_merges(counts)]
 
 
 def build_toy_tokenizer():
     """A CLIP tokenizer whose merges make every word of the toy world one token; any other text still
     tokenises, character by character (byte-level base vocabulary)."""
-    from ..models import build_byte_tokenizer
+    from ..clip_tokenizer import build_tokenizer
 
-    return build_byte_tokenizer(model_max_length=MAX_TOKENS, merges=toy_merges())
+    return build_tokenizer(toy_merges(), model_max_length=MAX_TOKENS)
 
 
 # ---------------------------------------------------------------------------------------------- the models
@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from diffusers import StableDiffusionPipeline
 
-    from ..models import make_text_encoder_portable, write_tokenizer_files
+    from ..clip_tokenizer import write_vocab_files
+    from ..models import make_text_encoder_portable
 
     torch.manual_seed(args.seed)
     log = lambda message: print(message, flush=True)  # noqa: E731
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(args.out)
-    write_tokenizer_files(Path(args.out, "tokenizer"), toy_merges())  # for transformers 4.x hosts as well
+    write_vocab_files(Path(args.out, "tokenizer"), toy_merges())  # for transformers 4.x hosts as well
     make_text_encoder_portable(Path(args.out, "text_encoder"))  # likewise
     report = {"timings": {k: round(v, 1) for k, v in timings.items()}, "args": {**vars(args), "out": None}}
     for split in ("train", "unseen"):
