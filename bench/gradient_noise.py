@@ -40,7 +40,7 @@ from prdp_core.prompts import draw_prompts  # noqa: E402
 def first_update_gradient(trainer: Trainer, prompt: str, key: tuple) -> torch.Tensor:
     """The flattened LoRA gradient of the first update of an epoch that drew only `prompt`, with noise `key`."""
     config = trainer.config
-    traj, images = trainer._sample([prompt], config.images_per_prompt, key, 0, "gradient noise",
+    traj, images = trainer.sample([prompt], config.images_per_prompt, key, 0, "gradient noise",
                                    keep_trajectory=True)
     signal, _ = trainer.reward_mix.score(images, [prompt] * len(images))
     old = traj.log_probs[:, :, :trainer.trained_steps]
@@ -53,7 +53,7 @@ def first_update_gradient(trainer: Trainer, prompt: str, key: tuple) -> torch.Te
         advantages = ((signal - signal.mean()) / (signal.std() + 1e-8)).view(1, -1)
     for param in trainer.params:
         param.grad = None
-    trainer._accumulate_gradient(traj, EpochBatch(old, signal.view(1, -1), reference, advantages), old)
+    trainer.accumulate_gradient(traj, EpochBatch(old, signal.view(1, -1), reference, advantages), old)
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in trainer.params])
 
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config.output_dir = tmp
         trainer = Trainer(config)
-        trainer._setup()
+        trainer.setup()
         prompts = [draw_prompts(trainer.train_prompts, 1, config.seed, epoch)[0] for epoch in range(args.num_prompts)]
         grads = {prompt: [first_update_gradient(trainer, prompt, (config.seed, 10_000 + index, repeat))
                           for repeat in range(args.repeats)] for index, prompt in enumerate(prompts)}

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
                                  images_per_prompt=args.images, batch_size=args.images, num_steps=args.steps,
                                  train_step_fraction=1.0, output_dir=tmp)
             trainer = Trainer(config)
-            trainer._setup()
+            trainer.setup()
             return trainer
 
         reference = trainer_for("fp32")
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             if "lora_B" in name:  # a trained-looking adapter, so lora_A gets gradient too
                 param.data.normal_(0.0, 0.01)
         lora = {k: v.clone() for k, v in get_peft_model_state_dict(reference.unet).items()}
-        traj, _ = reference._sample(reference.train_prompts[:1], args.images, (0, 0), 0, "sampling",
+        traj, _ = reference.sample(reference.train_prompts[:1], args.images, (0, 0), 0, "sampling",
                                     keep_trajectory=True)
         current = reference.sampler.all_log_probs(traj)
         rewards = torch.linspace(-1.0, 1.0, args.images, device=current.device).view(1, -1)
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> None:
             trainer = trainer_for(mode.split("-")[0])
             set_peft_model_state_dict(trainer.unet, lora)
             if mode == "fp16-unscaled":
-                trainer._chunk_backward = _plain_backward(trainer)
+                trainer.chunk_backward = _plain_backward(trainer)
             trainer.optimizer.zero_grad(set_to_none=True)
-            trainer._accumulate_gradient(traj, batch, current)
+            trainer.accumulate_gradient(traj, batch, current)
             grads[mode] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
                                      for p in trainer.params])
             del trainer

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         config = TrainConfig.load(run_dir / CONFIG_FILE)
         config.output_dir, config.run_name = scratch, "reevaluate"
         trainer = Trainer(config)
-        trainer._setup()  # the model with a fresh LoRA, in the scratch folder
+        trainer.setup()  # the model with a fresh LoRA, in the scratch folder
         weights, _, _ = load_checkpoint(checkpoint)
         set_peft_model_state_dict(trainer.unet, {k: v.to(trainer.device) for k, v in weights.state_dict.items()})
         if args.eta is not None:
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         for seed in args.eval_seeds:
             trainer.config.seed = seed  # the evaluation noise is keyed by the seed
             with lora_disabled(trainer.unet):
-                before, _ = trainer._evaluate("before")
-            after, _ = trainer._evaluate("after")
+                before, _ = trainer.evaluate("before")
+            after, _ = trainer.evaluate("after")
             results[seed] = {split: paired_change(before[split]["scores"], after[split]["scores"], args.flip)
                              for split in before}
     print(json.dumps({"run": str(run_dir), "checkpoint": checkpoint.name, "eta": trainer.sampler.eta,

@@ -367,3 +367,40 @@ def _check_preview(preview) -> None:
     if not isinstance(preview, Image.Image):
         raise ExportError(f"preview must be a PIL image, not {type(preview).__name__}; convert it with "
                           f"PIL.Image.fromarray.")
+
+
+def training_metadata(config, epoch: int, started_at: float, finished_at: float, reward_mix: str) -> dict[str, str]:
+    """The prdp_* header entries of a LoRA: how it was trained, with the config made shareable."""
+    return {
+        "prdp_started_at": str(started_at),
+        "prdp_finished_at": str(finished_at),
+        "prdp_epoch": str(epoch),
+        "prdp_epochs": str(config.epochs),
+        "prdp_steps": str(epoch * config.updates_per_epoch),
+        "prdp_learning_rate": repr(config.learning_rate),
+        "prdp_seed": str(config.seed),
+        "prdp_objective": config.objective,
+        "prdp_reward_mix": reward_mix,
+        "prdp_config": json.dumps(shareable_config(config.to_dict())),
+    }
+
+
+def shareable_config(config: dict) -> dict:
+    """The config as written into a LoRA that may be shared: file paths reduced to their names."""
+    shared = dict(config)
+    for key in ("model", "vae", "prompts", "eval_prompts", "output_dir"):
+        if shared[key] and not shared[key].startswith("builtin:"):
+            shared[key] = Path(shared[key]).name
+    shared["rewards"] = {Path(name).name if "/" in name or "\\" in name else name: weight
+                         for name, weight in shared["rewards"].items()}
+    shared["reward_options"] = {name: {key: shareable_option(value) for key, value in options.items()}
+                                for name, options in shared["reward_options"].items()}
+    return shared
+
+
+def shareable_option(value):
+    if isinstance(value, str) and "://" in value:
+        return "<url>"  # a reward server's address may name a private host or carry an access token
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return Path(value).name
+    return value

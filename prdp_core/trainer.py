@@ -11,6 +11,11 @@ the stored log pi_old), (2) get c by autograd through the objective on that smal
 each chunk (<= batch_size images of one prompt) and step, recompute lp with gradient and back-propagate
 sum(c * lp). Peak memory is one UNet micro-batch whatever B and T are, and chunks whose coefficients are all zero
 (clipped steps, all-tied prompts) are skipped.
+
+Around the loop: evaluation statistics live in evaluation.py, what the run folder shows people (previews, the reward
+curve, the before/after grid) in reporting.py, the LoRA's metadata in export.py, memory decisions in memory.py. The
+loop's steps are public (setup, sample, train_epoch, update, accumulate_gradient, evaluate), so that tests and
+benchmarks can drive them one at a time.
 """
 
 from __future__ import annotations
@@ -19,25 +24,25 @@ import json
 import math
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from . import checkpoints
+from . import checkpoints, reporting
 from .config import TrainConfig
 from .errors import ConfigError, PrdpError
 from .events import (CheckpointWritten, EpochEnd, EpochSampled, Evaluated, Event, Failed, Finished, Progress,
                      RunStarted, StepMetrics)
-from .export import export_lora
+from .evaluation import EVAL_NOISE_KEY, paired_delta, score_evaluation
+from .export import export_lora, training_metadata
 from .lora_weights import LoraWeights
 from .files import atomic_write_text
+from .memory import graphs_are_cheap, memory_advice
 from .models import (add_lora, apply_memory_options, load_pipeline, lora_disabled, lora_modules, lora_parameters,
                      model_info, resolve_device)
 from .objectives import EpochBatch, make_objective
-from .plots import image_grid, line_plot
 from .prompts import describe_evaluation, draw_prompts, evaluation_sets, load_prompts
 from .rewards import RewardMix
 from .sampling import PhaseMeter, Sampler, Trajectories, chunk_generator, to_pil
@@ -49,7 +54,6 @@ SUMMARY_FILE = "summary.json"
 RESUMABLE = ("epochs", "batch_size", "device", "keep_checkpoints", "eval_every", "gradient_checkpointing",
              "vae_tiling", "offload_models", "retain_graphs")
 EPOCH_PHASES = ("sampling", "decode", "reward", "reference", "optimization")
-_EVAL_KEY = 1_000_003  # separates evaluation noise from every training epoch's noise
 FP16_GRAD_EXPONENT = 16  # fp16 backward: the largest coefficient is scaled to 2**16, AMP's initial loss scale
 
 
@@ -115,7 +119,7 @@ class Trainer:
         except torch.cuda.OutOfMemoryError:
             phase = self.meter.out_of_memory_in if self.meter is not None else None
             resume = f" the run {self.run_dir}" if self.run_dir else ""
-            message = (f"out of GPU memory{' in ' + phase if phase else ''}; {_memory_advice(self.config, phase)}, "
+            message = (f"out of GPU memory{' in ' + phase if phase else ''}; {memory_advice(self.config, phase)}, "
                        f"then resume{resume}.")
             self._emit(Failed(message, self.run_dir))
             raise PrdpError(message) from None
@@ -135,16 +139,16 @@ class Trainer:
     def _run(self) -> Path:
         config = self.config
         started = time.perf_counter()
-        self._setup()
+        self.setup()
         self._emit(RunStarted(self.run_dir, config, self.epoch, len(self.lora_modules), list(self.eval_sets),
                               describe_evaluation(self.eval_sets)))
         if "eval_before" not in self.state:
             self._checkpoint()  # resumable from the very start
             with lora_disabled(self.unet):
-                self.state["eval_before"], self.before_images = self._evaluate("before")
+                self.state["eval_before"], self.before_images = self.evaluate("before")
             self._checkpoint()
         while self.epoch < config.epochs:
-            metrics = self._train_epoch(self.epoch)
+            metrics = self.train_epoch(self.epoch)
             self.epoch += 1
             self._append_metrics(metrics)
             self.state["elapsed_s"] = self.state.get("elapsed_s", 0.0) + time.perf_counter() - started
@@ -152,10 +156,10 @@ class Trainer:
             self._checkpoint()
             self._emit(EpochEnd(self.epoch, metrics))
             if config.eval_every and self.epoch % config.eval_every == 0 and self.epoch < config.epochs:
-                results, _ = self._evaluate(f"epoch-{self.epoch}")
+                results, _ = self.evaluate(f"epoch-{self.epoch}")
                 self._append_metrics({"epoch": self.epoch, "eval": results})  # its own line: a stop during the
                 # evaluation leaves the epoch's checkpoint and metrics complete
-        after, after_images = self._evaluate("after")
+        after, after_images = self.evaluate("after")
         self._write_before_after(after_images, after)
         self.state["finished_at"] = time.time()
         lora = self._export(checkpoints.latest_checkpoint(self.run_dir))
@@ -163,7 +167,7 @@ class Trainer:
         self._emit(Finished(self.run_dir, lora, summary))
         return lora
 
-    def _setup(self) -> None:
+    def setup(self) -> None:
         config = self.config
         checkpoint = checkpoints.latest_checkpoint(self.resume_dir) if self.resume_dir else None
         if self.resume_dir and checkpoint is None:
@@ -183,7 +187,7 @@ class Trainer:
         add_lora(self.unet, config.lora_rank, config.lora_alpha, config.lora_targets)
         self.lora_modules = lora_modules(self.unet)
         self.params = lora_parameters(self.unet)
-        self.retain_graphs = config.retain_graphs == "on" or (config.retain_graphs == "auto" and _graphs_are_cheap(
+        self.retain_graphs = config.retain_graphs == "on" or (config.retain_graphs == "auto" and graphs_are_cheap(
             config, self.device, self.unet, self.trained_steps))
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay)
@@ -207,13 +211,13 @@ class Trainer:
             atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------------------------------ one epoch
-    def _train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int) -> dict:
         config, sampler, meter = self.config, self.sampler, self.meter
         meter.reset()
         number = epoch + 1  # events and files count epochs from 1
         prompts = draw_prompts(self.train_prompts, config.prompts_per_epoch, config.seed, epoch)
         with meter.phase("sampling"):  # decoding inside it is metered as its own phase
-            traj, images = self._sample(prompts, config.images_per_prompt, (config.seed, epoch), number, "sampling",
+            traj, images = self.sample(prompts, config.images_per_prompt, (config.seed, epoch), number, "sampling",
                                         keep_trajectory=True)
 
         with meter.phase("reward"):
@@ -249,7 +253,7 @@ class Trainer:
                         current, graphs = sampler.log_probs_with_graphs(traj, progress, trained)
                     else:
                         current = sampler.all_log_probs(traj, progress, trained)
-                loss, grad_norm, stats = self._update(traj, batch, current, graphs, progress)
+                loss, grad_norm, stats = self.update(traj, batch, current, graphs, progress)
                 step = epoch * config.updates_per_epoch + k + 1
                 updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
                 self._emit(StepMetrics(number, k, step, loss, grad_norm, stats))
@@ -279,11 +283,11 @@ class Trainer:
                 metrics[key] = updates[-1][key]
         return metrics
 
-    def _update(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor,
+    def update(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor,
                 graphs: dict | None = None, on_chunk=None) -> tuple[float, float, dict]:
         """One AdamW step on the exact gradient of the objective at the current weights."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = self._accumulate_gradient(traj, batch, current, graphs, on_chunk)
+        loss, stats = self.accumulate_gradient(traj, batch, current, graphs, on_chunk)
         for param in self.params:  # a skipped chunk may leave a parameter without gradient
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
@@ -295,7 +299,7 @@ class Trainer:
         self.optimizer.step()
         return loss, grad_norm, stats
 
-    def _accumulate_gradient(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor,
+    def accumulate_gradient(self, traj: Trajectories, batch: EpochBatch, current: torch.Tensor,
                              graphs: dict | None = None, on_chunk=None) -> tuple[float, dict]:
         """Add dL/dtheta to the LoRA parameters' .grad, one UNet micro-batch at a time (see the module docstring).
         `current` holds the log-probs of every stored transition under the current weights; `graphs`, when given,
@@ -313,7 +317,7 @@ class Trainer:
                 if not coef.any():
                     continue
                 if graph is None:
-                    self._chunk_backward(traj, n, images, step, coef)
+                    self.chunk_backward(traj, n, images, step, coef)
                 else:
                     with self.sampler.clock.timed():
                         (coef * graph).sum().backward()
@@ -321,7 +325,7 @@ class Trainer:
                 on_chunk()
         return loss.item(), stats
 
-    def _chunk_backward(self, traj: Trajectories, n: int, images: slice, step: int, coef: torch.Tensor) -> None:
+    def chunk_backward(self, traj: Trajectories, n: int, images: slice, step: int, coef: torch.Tensor) -> None:
         """Add d(sum(coef * log pi))/dtheta of one chunk at one step to the LoRA gradients."""
         clock = self.sampler.clock
         if self.unet.dtype != torch.float16:
@@ -353,7 +357,7 @@ class Trainer:
                         "then resume.")
 
     # ------------------------------------------------------------------------------------------ sampling, eval
-    def _sample(self, prompts: list[str], count: int, key: tuple, epoch: int, phase: str,
+    def sample(self, prompts: list[str], count: int, key: tuple, epoch: int, phase: str,
                 keep_trajectory: bool = False) -> tuple[Trajectories | None, list]:
         """Sample `count` images per prompt in chunks of batch_size, each image's noise from (key, prompt, image).
         Returns the trajectories (if kept) and the decoded PIL images (prompt-major).
@@ -386,20 +390,17 @@ class Trainer:
             log_probs=torch.cat(log_probs).view(n_prompts, count, -1), batch_size=size)
         return traj, images
 
-    def _evaluate(self, label: str) -> tuple[dict, dict[str, list]]:
+    def evaluate(self, label: str) -> tuple[dict, dict[str, list]]:
         """Mean reward (with its standard error) of every eval set, on seeds fixed for the whole run."""
         results, images_by_set = {}, {}
         count = self.config.eval_images_per_prompt
         for index, (name, prompts) in enumerate(self.eval_sets.items()):
-            _, images = self._sample(prompts, count, (self.config.seed, _EVAL_KEY, index), self.epoch,
+            _, images = self.sample(prompts, count, (self.config.seed, EVAL_NOISE_KEY, index), self.epoch,
                                      f"eval {name}")
             # raw scores: z-scoring each evaluation by itself would make before and after incomparable
             total, components = self.reward_mix.score(images, [p for p in prompts for _ in range(count)],
                                                       normalize=False)
-            results[name] = {"mean": total.mean().item(), "se": _standard_error(total), "n": total.numel(),
-                             "scores": total.tolist(),
-                             "components": {c: {"mean": s.mean().item(), "se": _standard_error(s)}
-                                            for c, s in components.items()}}
+            results[name] = score_evaluation(total, components)
             images_by_set[name] = images
         self._offload_rewards()
         self._emit(Evaluated(self.epoch, label, results))
@@ -434,34 +435,12 @@ class Trainer:
         self._emit(EpochSampled(epoch, [p for p in prompts for _ in range(per_prompt)][:shown], images[:shown],
                                 total[:shown].tolist(), total.mean().item(),
                                 {name: s.mean().item() for name, s in components.items()}))
-        rows = [images[r * per_prompt:(r + 1) * per_prompt] for r in range(shown // per_prompt)]
-        captions = [[f"{v:.4g}" for v in total[r * per_prompt:(r + 1) * per_prompt].tolist()] for r in range(len(rows))]
-        grid = image_grid(rows, captions, [f"epoch {epoch}: {p}" for p in prompts[:len(rows)]])
-        grid.save(self.run_dir / "previews" / f"epoch-{epoch:04d}.png")
-
+        reporting.save_epoch_preview(self.run_dir, epoch, prompts, images[:shown], total[:shown].tolist(), per_prompt)
     def _append_metrics(self, metrics: dict) -> None:
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
-        self._plot_curves()
-
-    def _plot_curves(self) -> None:
-        rows = [json.loads(line) for line in (self.run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()
-                if line.strip()]
-        lines = [m for m in rows if "reward_mean" in m]
-        epochs = [m["epoch"] for m in lines]
-        series = {"reward (training samples)": (epochs, [m["reward_mean"] for m in lines])}
-        bands = {"reward (training samples)": [m["reward_std"] for m in lines]}
-        if len(self.config.rewards) > 1:
-            for name in self.config.rewards:
-                series[name] = (epochs, [m["rewards"][name]["mean"] for m in lines])
+        reporting.append_metrics(self.run_dir / METRICS_FILE, metrics)
         before = self.state.get("eval_before", {}).get("seen")
-        evals = ([(0, before["mean"])] if before else []) + [(m["epoch"], m["eval"]["seen"]["mean"]) for m in rows
-                                                              if "eval" in m]
-        if len(evals) > 1:
-            series["eval, seen prompts (fixed seeds)"] = ([e for e, _ in evals], [v for _, v in evals])
-        line_plot(series, f"reward per epoch: {self.reward_mix.describe()}", bands=bands).save(
-            self.run_dir / "reward_curve.png")
-
+        reporting.plot_reward_curve(self.run_dir / METRICS_FILE, self.run_dir / "reward_curve.png",
+                                    self.reward_mix.describe(), list(self.config.rewards), before and before["mean"])
     def _checkpoint(self) -> None:
         self.state["epoch"] = self.epoch
         if self.tracker is not None:
@@ -471,20 +450,10 @@ class Trainer:
         self._emit(CheckpointWritten(self.epoch, path))
 
     def _weights(self) -> LoraWeights:
-        config = self.config
-        training = {
-            "prdp_started_at": str(self.state.get("started_at", time.time())),
-            "prdp_finished_at": str(self.state.get("finished_at", time.time())),
-            "prdp_epoch": str(self.epoch),
-            "prdp_epochs": str(config.epochs),
-            "prdp_steps": str(self.epoch * config.updates_per_epoch),
-            "prdp_learning_rate": repr(config.learning_rate),
-            "prdp_seed": str(config.seed),
-            "prdp_objective": config.objective,
-            "prdp_reward_mix": self.reward_mix.describe(),
-            "prdp_config": json.dumps(_shareable(config.to_dict())),
-        }
-        return LoraWeights.from_unet(self.unet, self.model_info, training)
+        now = time.time()
+        return LoraWeights.from_unet(self.unet, self.model_info, training_metadata(
+            self.config, self.epoch, self.state.get("started_at", now), self.state.get("finished_at", now),
+            self.reward_mix.describe()))
 
     def _export(self, checkpoint: Path | None) -> Path | None:
         if checkpoint is None:
@@ -495,29 +464,19 @@ class Trainer:
                            preview=self.preview_image)
 
     def _write_before_after(self, after_images: dict[str, list], after: dict) -> None:
-        """Up to 4 prompts of each eval set, before and after, on the same seeds: each image with its reward, each
-        row with the prompt's mean, so the picture says what changed."""
         before_images = self.before_images
         if before_images is None:  # resumed run: the base model's eval images are recomputed, same seeds
             with lora_disabled(self.unet):
-                _, before_images = self._evaluate("before (recomputed)")
-        count = self.config.eval_images_per_prompt
-        rows, captions, titles = [], [], []
-        for name, prompts in self.eval_sets.items():
-            for j, prompt in enumerate(prompts[:4]):
-                for label, images, results in (("before", before_images[name], self.state["eval_before"][name]),
-                                               ("after", after_images[name], after[name])):
-                    scores = results["scores"][j * count:(j + 1) * count]
-                    rows.append(images[j * count:(j + 1) * count])
-                    captions.append([f"{score:.3g}" for score in scores])
-                    titles.append(f"{label} | {name}: {prompt} | mean reward {np.mean(scores):.3g}")
-        image_grid(rows, captions, titles).save(self.run_dir / "previews" / "before_after.png")
+                _, before_images = self.evaluate("before (recomputed)")
+        reporting.save_before_after(self.run_dir / "previews" / "before_after.png", self.eval_sets,
+                                    self.config.eval_images_per_prompt, (before_images, self.state["eval_before"]),
+                                    (after_images, after))
 
     def _write_summary(self, after: dict, lora: Path, seconds: float) -> dict:
         before = self.state["eval_before"]
         summary = {
             "eval": {name: {"before": before[name], "after": after[name],
-                            "delta": _paired_delta(before[name]["scores"], after[name]["scores"])} for name in after},
+                            "delta": paired_delta(before[name]["scores"], after[name]["scores"])} for name in after},
             "wall_time_s": self.state.get("elapsed_s", 0.0) + seconds,
             "epochs": self.epoch,
             "lora": str(lora),
@@ -529,47 +488,7 @@ class Trainer:
         return summary
 
     def _log_traceback(self) -> Path | None:
-        if self.run_dir is None:
-            return None
-        log = self.run_dir / "error.log"
-        try:
-            log.write_text(traceback.format_exc(), encoding="utf-8")
-        except OSError:
-            return None
-        return log
-
-
-def _shareable(config: dict) -> dict:
-    """The config as written into a LoRA that may be shared: file paths reduced to their names."""
-    shared = dict(config)
-    for key in ("model", "vae", "prompts", "eval_prompts", "output_dir"):
-        if shared[key] and not shared[key].startswith("builtin:"):
-            shared[key] = Path(shared[key]).name
-    shared["rewards"] = {Path(name).name if "/" in name or "\\" in name else name: weight
-                         for name, weight in shared["rewards"].items()}
-    shared["reward_options"] = {name: {key: _shareable_option(value) for key, value in options.items()}
-                                for name, options in shared["reward_options"].items()}
-    return shared
-
-
-def _shareable_option(value):
-    if isinstance(value, str) and "://" in value:
-        return "<url>"  # a reward server's address may name a private host or carry an access token
-    if isinstance(value, str) and ("/" in value or "\\" in value):
-        return Path(value).name
-    return value
-
-
-# retain_graphs auto: the graphs of one update, kept at once, must stay small beside a CPU machine's memory
-_CHEAP_GRAPHS_MAX_UNET_PARAMETERS = 100_000_000  # toy- and test-sized UNets; SD1.5's has 860 M
-_CHEAP_GRAPHS_MAX_COUNT = 16  # micro-batch-steps per update; the toy default keeps 6 (0.7 GB)
-
-
-def _graphs_are_cheap(config: TrainConfig, device: torch.device, unet, trained_steps: int) -> bool:
-    """Whether retain_graphs auto keeps the graphs: on the CPU (no fp16), for a small UNet and few graphs."""
-    chunks = config.prompts_per_epoch * math.ceil(config.images_per_prompt / config.batch_size)
-    return (device.type == "cpu" and config.precision != "fp16" and chunks * trained_steps <= _CHEAP_GRAPHS_MAX_COUNT
-            and sum(p.numel() for p in unet.parameters()) < _CHEAP_GRAPHS_MAX_UNET_PARAMETERS)
+        return reporting.log_traceback(self.run_dir) if self.run_dir is not None else None
 
 
 def _epoch_of(line: str) -> float:
@@ -577,35 +496,6 @@ def _epoch_of(line: str) -> float:
         return json.loads(line)["epoch"]
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-def _memory_advice(config: TrainConfig, phase: str | None = None) -> str:
-    """What to change after running out of memory in `phase`: the memory options still off, those for that phase
-    first. Decoding runs one image at a time, so only tiling lowers its peak; elsewhere checkpointing saves most (at
-    SD1.5 512 px it takes micro-batch 8 from 16 to 6 GiB, bench/memory_estimate.py)."""
-    fixes = ["turn on vae_tiling"] if phase == "decode" and not config.vae_tiling else []
-    if config.retain_graphs == "on":
-        fixes.append("set retain_graphs off")
-    if not config.gradient_checkpointing:
-        fixes.append("turn on gradient_checkpointing")
-    if config.batch_size > 1:
-        fixes.append(f"lower batch_size (now {config.batch_size})")
-    if config.precision == "fp32":
-        fixes.append("train in fp16")
-    if not fixes:
-        rest = [name for name in ("vae_tiling", "offload_models") if not getattr(config, name)]
-        return f"turn on {' and '.join(rest)} or lower the resolution" if rest else "lower the resolution"
-    return ", ".join(fixes[:-1]) + (" or " if len(fixes) > 1 else "") + fixes[-1] + " (the low-VRAM preset does all)"
-
-
-def _standard_error(values: torch.Tensor) -> float:
-    return values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else 0.0
-
-
-def _paired_delta(before: list[float], after: list[float]) -> dict[str, float]:
-    """After minus before on the same seeds and prompts: its mean and standard error (seed noise cancels)."""
-    diff = torch.tensor(after) - torch.tensor(before)
-    return {"mean": diff.mean().item(), "se": _standard_error(diff)}
 
 
 def _new_run_dir(config: TrainConfig) -> Path:

@@ -37,6 +37,6 @@ def set_up_trainer(tiny_config):
     def make(**overrides):
         config = TrainConfig.from_dict({**tiny_config.to_dict(), **overrides})
         trainer = Trainer(config)
-        trainer._setup()
+        trainer.setup()
         return trainer
     return make

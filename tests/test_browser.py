@@ -23,6 +23,7 @@ CHROMIUM = os.environ.get("PRDP_CHROMIUM") or shutil.which("chromium") or shutil
 PYTHONS = [sys.executable, *os.environ.get("PRDP_HOST_PYTHONS", "").split()]
 EPOCHS = 6  # about 2 s each here: room to stop after the first and still have epochs left to resume
 HOST_TAB = "PRDP"
+pytestmark = pytest.mark.slow  # a server and a browser per Gradio world: the fast lane leaves it out
 # How A1111 and Forge show an extension's tab (modules/ui.py): its Blocks rendered inside a TabItem of their own.
 MOUNTED_IN_A_HOST = f"""
 import sys

@@ -9,7 +9,7 @@ from prdp_core.objectives import EpochBatch
 
 
 def _epoch(trainer, rewards):
-    traj, _ = trainer._sample(trainer.train_prompts[:2], 3, (0, 0), 0, "sampling", keep_trajectory=True)
+    traj, _ = trainer.sample(trainer.train_prompts[:2], 3, (0, 0), 0, "sampling", keep_trajectory=True)
     with lora_disabled(trainer.unet):
         log_probs_ref = trainer.sampler.all_log_probs(traj)
     return traj, EpochBatch(traj.log_probs, rewards, log_probs_ref)
@@ -34,7 +34,7 @@ def test_lean_gradient_equals_autograd_with_clipping_active(set_up_trainer):
     trainer = set_up_trainer(learning_rate=3e-3)
     rewards = torch.tensor([[0.3, -0.2, 0.9], [0.1, 0.4, -0.5]])
     traj, batch = _epoch(trainer, rewards)
-    trainer._update(traj, batch, traj.log_probs)  # update 1 of K: theta moves away from theta_old
+    trainer.update(traj, batch, traj.log_probs)  # update 1 of K: theta moves away from theta_old
     current = trainer.sampler.all_log_probs(traj)
     moved = ((current - batch.log_probs_ref) - (batch.log_probs_old - batch.log_probs_ref)).abs()
     trainer.objective.clip_range = moved.median().item()  # about half of the steps outside their clip interval
@@ -42,7 +42,7 @@ def test_lean_gradient_equals_autograd_with_clipping_active(set_up_trainer):
     assert 0.2 < stats["clip_fraction"] < 0.8
 
     trainer.optimizer.zero_grad(set_to_none=True)
-    loss_lean, _ = trainer._accumulate_gradient(traj, batch, current)
+    loss_lean, _ = trainer.accumulate_gradient(traj, batch, current)
     lean = _grads(trainer)
 
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -65,7 +65,7 @@ def test_gradient_at_init_is_reinforce_with_mean_centred_rewards(set_up_trainer)
     assert torch.equal(batch.log_probs_ref, batch.log_probs_old)  # a fresh LoRA is the reference model exactly
 
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._accumulate_gradient(traj, batch, traj.log_probs)
+    trainer.accumulate_gradient(traj, batch, traj.log_probs)
     lean = _grads(trainer)
 
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -92,7 +92,7 @@ def test_lean_gradient_over_the_noisiest_steps_only(set_up_trainer):
     batch = EpochBatch(full.log_probs_old[:, :, :2], rewards, full.log_probs_ref[:, :, :2])
 
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._accumulate_gradient(traj, batch, batch.log_probs_old)
+    trainer.accumulate_gradient(traj, batch, batch.log_probs_old)
     lean = _grads(trainer)
 
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -100,7 +100,7 @@ def test_lean_gradient_over_the_noisiest_steps_only(set_up_trainer):
     reference = _grads(trainer)
 
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._accumulate_gradient(traj, full, full.log_probs_old)
+    trainer.accumulate_gradient(traj, full, full.log_probs_old)
     all_steps = _grads(trainer)
 
     assert ((lean - reference).norm() / reference.norm()).item() < 1e-4
@@ -117,19 +117,19 @@ def test_retained_graphs_give_the_lean_gradient_bit_for_bit(set_up_trainer):
     assert not set_up_trainer(retain_graphs="auto", num_steps=5, train_step_fraction=1.0).retain_graphs
     rewards = torch.tensor([[0.3, -0.2, 0.9], [0.1, 0.4, -0.5]])
     traj, batch = _epoch(trainer, rewards)
-    trainer._update(traj, batch, traj.log_probs)  # theta moves away from theta_old
+    trainer.update(traj, batch, traj.log_probs)  # theta moves away from theta_old
     current = trainer.sampler.all_log_probs(traj)
     moved = (current - batch.log_probs_old).abs()
     trainer.objective.clip_range = moved.median().item()  # about half the steps clipped: their graphs go unused
     assert 0.2 < trainer.objective.stats(current, batch)["clip_fraction"] < 0.8
 
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer._accumulate_gradient(traj, batch, current)
+    trainer.accumulate_gradient(traj, batch, current)
     lean = _grads(trainer)
 
     trainer.optimizer.zero_grad(set_to_none=True)
     retained, graphs = trainer.sampler.log_probs_with_graphs(traj)
     assert len(graphs) == 2 * 2 * traj.shape[2]  # 2 prompts x 2 chunks (of 2 and 1 images) x steps
-    trainer._accumulate_gradient(traj, batch, retained, graphs)
+    trainer.accumulate_gradient(traj, batch, retained, graphs)
     assert torch.equal(retained, current) and not graphs  # every graph consumed or dropped
     assert lean.norm() > 0 and torch.equal(_grads(trainer), lean)

@@ -59,12 +59,12 @@ class _Held:
 
 
 def _peak_training_activations(trainer, images):
-    traj, _ = trainer._sample(trainer.train_prompts[:2], images, (0, 0), 0, "sampling", keep_trajectory=True)
+    traj, _ = trainer.sample(trainer.train_prompts[:2], images, (0, 0), 0, "sampling", keep_trajectory=True)
     rewards = torch.arange(2 * images, dtype=torch.float32).view(2, images)  # no ties: every chunk has gradient
     batch = EpochBatch(traj.log_probs, rewards, traj.log_probs - 0.01)
     meter = _SavedActivations()
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-        trainer._accumulate_gradient(traj, batch, traj.log_probs)
+        trainer.accumulate_gradient(traj, batch, traj.log_probs)
     assert meter.live == 0  # nothing kept after the step
     return meter.peak
 

@@ -154,7 +154,7 @@ def test_batch_zscore_mix_equals_hand_computation_and_keeps_raw_components():
 
 def test_training_learns_from_zscores_but_logs_and_evaluates_raw_sums(set_up_trainer, monkeypatch):
     trainer = set_up_trainer(rewards={"jpeg_compressibility": 2.0}, reward_normalization="batch_zscore")
-    results, _ = trainer._evaluate("before")
+    results, _ = trainer.evaluate("before")
     seen = results["seen"]
     assert seen["mean"] == pytest.approx(2.0 * seen["components"]["jpeg_compressibility"]["mean"], rel=1e-5)
     assert seen["mean"] < -0.1  # raw kB, not a z-score mean of 0: comparable before and after training
@@ -163,7 +163,7 @@ def test_training_learns_from_zscores_but_logs_and_evaluates_raw_sums(set_up_tra
     loss = trainer.objective.loss
     monkeypatch.setattr(trainer.objective, "loss", lambda lp, batch: seen_by_objective.append(batch.rewards) or
                         loss(lp, batch))
-    metrics = trainer._train_epoch(0)
+    metrics = trainer.train_epoch(0)
     learned = seen_by_objective[0].flatten()
     assert learned.mean().abs() < 1e-5 and learned.std() == pytest.approx(2.0, rel=1e-4)  # 2 * z-scores
     assert metrics["reward_mean"] == pytest.approx(2.0 * metrics["rewards"]["jpeg_compressibility"]["mean"], rel=1e-5)

@@ -51,14 +51,14 @@ def test_recorded_step_matches_diffusers_ddim_step():
 @pytest.mark.parametrize("model", ["builtin:tiny", "builtin:tiny-xl"])
 def test_recomputed_log_probs_equal_stored_until_an_update(set_up_trainer, model):
     trainer = set_up_trainer(learning_rate=1e-2, model=model)
-    traj, _ = trainer._sample(trainer.train_prompts[:2], 3, (0, 0), 0, "sampling", keep_trajectory=True)
+    traj, _ = trainer.sample(trainer.train_prompts[:2], 3, (0, 0), 0, "sampling", keep_trajectory=True)
     recomputed = trainer.sampler.all_log_probs(traj)
     assert torch.equal(recomputed, traj.log_probs)  # same chunks, same arithmetic: bit-identical on CPU
 
     rewards = torch.tensor([[0.3, -0.2, 0.9], [0.1, 0.4, -0.5]])
     batch = EpochBatch(traj.log_probs, rewards, traj.log_probs.clone())
-    trainer._update(traj, batch, traj.log_probs)
-    trainer._update(traj, batch, trainer.sampler.all_log_probs(traj))  # lora_A gets gradient once lora_B != 0
+    trainer.update(traj, batch, traj.log_probs)
+    trainer.update(traj, batch, trainer.sampler.all_log_probs(traj))  # lora_A gets gradient once lora_B != 0
     after = trainer.sampler.all_log_probs(traj)
     assert (after - traj.log_probs).abs().max().item() > 1e-4
 
@@ -99,7 +99,7 @@ def test_noise_does_not_depend_on_batch_size(set_up_trainer):
     samples = []
     for batch_size in (3, 2):
         trainer = set_up_trainer(batch_size=batch_size)
-        traj, _ = trainer._sample(trainer.train_prompts[:2], 3, (0, 0), 1, "sampling", keep_trajectory=True)
+        traj, _ = trainer.sample(trainer.train_prompts[:2], 3, (0, 0), 1, "sampling", keep_trajectory=True)
         samples.append(traj)
     assert (samples[0].latents - samples[1].latents).abs().max().item() < 1e-4
     assert (samples[0].log_probs - samples[1].log_probs).abs().max().item() < 1e-4
@@ -111,7 +111,7 @@ def test_evaluation_batches_across_prompts_with_the_same_images(set_up_trainer):
     images = {}
     for batch_size in (1, 4):  # 1: every chunk one prompt's image; 4: chunks of 3 prompts x 2 images that straddle
         trainer = set_up_trainer(batch_size=batch_size)
-        _, images[batch_size] = trainer._sample(trainer.train_prompts[:3], 2, (0, 9), 0, "eval")
+        _, images[batch_size] = trainer.sample(trainer.train_prompts[:3], 2, (0, 9), 0, "eval")
     assert len(images[4]) == 6
     for one, batched in zip(images[1], images[4]):
         diff = np.abs(np.asarray(one, dtype=np.int16) - np.asarray(batched, dtype=np.int16)).max()
