@@ -265,7 +265,7 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
         block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    vae = _tiny_vae()
+    vae = tiny_vae()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
         vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
@@ -279,7 +279,7 @@ def build_tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     return pipe
 
 
-def _tiny_vae(**config):
+def tiny_vae(**config):
     """The tiny models' VAE: 64x64 images to 8x8x4 latents."""
     from diffusers import AutoencoderKL
 
@@ -332,32 +332,6 @@ def make_text_encoder_portable(folder: str | Path) -> None:
               path, metadata={"format": "pt"})
 
 
-def build_tiny_sd2_pipeline(seed: int = 0):
-    """SD2's shape in miniature: linear projections in the transformers, attention upcast, an OpenCLIP-style (GELU)
-    text encoder padding with "!" (OpenCLIP's 0), v-prediction. Random weights fixed by `seed`, built from configs."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = build_tokenizer()
-    tokenizer.pad_token = "!"
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, down_block_types=("CrossAttnDownBlock2D",
-        "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True, norm_num_groups=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu",
-        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
-    pipe = StableDiffusionPipeline(unet=unet, vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def build_tiny_xl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     """An SDXL-shaped pipeline (two text encoders, pooled text embedding and size conditioning, SGM-style block
     layout: a plain first down block, then cross-attention blocks with more transformer layers) small enough for
@@ -376,7 +350,7 @@ def build_tiny_xl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
         cross_attention_dim=96, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
         projection_class_embeddings_input_dim=6 * time_embed_dim + 64, norm_num_groups=32)
-    vae = _tiny_vae(scaling_factor=0.13025)
+    vae = tiny_vae(scaling_factor=0.13025)
     common = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tokenizer),
                   max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

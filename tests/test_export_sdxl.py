@@ -20,7 +20,8 @@ from prdp_core.config import KOHYA_UNET_TARGETS
 from prdp_core.errors import ExportError
 from prdp_core.export import (LoraWeights, a1111_user_metadata, export_lora, kohya_name, kohya_state_dict,
                               sgm_module_path)
-from prdp_core.models import (ModelInfo, add_lora, build_tiny_sd2_pipeline, build_tiny_xl_pipeline, load_pipeline,
+from model_builders import build_tiny_sd2_pipeline
+from prdp_core.models import (ModelInfo, add_lora, build_tiny_xl_pipeline, load_pipeline,
                               lora_modules, lora_parameters, model_info)
 from prdp_core.trainer import Trainer
 

@@ -24,7 +24,8 @@ from prdp_core import single_file
 from prdp_core.clip_tokenizer import (BPE_FILE, CONFIGS_DIR, build_clip_tokenizer, clip_vocab, tokenizers_for,
                                       write_clip_vocab_files)
 from prdp_core.errors import ModelLoadError
-from prdp_core.models import build_tiny_pipeline, build_tiny_sd2_pipeline, build_tiny_xl_pipeline
+from model_builders import build_tiny_sd2_pipeline
+from prdp_core.models import build_tiny_pipeline, build_tiny_xl_pipeline
 from prdp_core.single_file import detect_checkpoint, load_single_file
 
 TOLERANCE = 1e-5

@@ -109,6 +109,7 @@ TINY_JPEG = dict(model="builtin:tiny", prompts="builtin:animals", eval_prompts="
                  eval_images_per_prompt=8, eval_max_prompts=8)
 
 
+@pytest.mark.slow
 def test_tiny_model_run_raises_jpeg_compressibility(tmp_path):
     """builtin:tiny, jpeg_compressibility, 10 epochs, on fixed evaluation seeds: the reward must rise by more than 4
     paired standard errors and by more than 3 unpaired ones (the seed-to-seed spread of the before and after means).
