@@ -24,8 +24,14 @@ def form_of(state: TabState, config: TrainConfig) -> tuple:
     return values, weights, config.prompts, "", None
 
 
-def test_every_field_has_one_widget():
-    assert sorted(FIELDS + OWN_WIDGETS) == sorted(TrainConfig().to_dict())
+def test_every_setting_has_one_widget_in_the_tab():
+    pytest.importorskip("gradio")
+    from prdp_ui import build_tab
+
+    ids = [getattr(block, "elem_id", None) for block in build_tab(HostContext()).blocks.values()]
+    shown = {name for name in TrainConfig().to_dict() if f"prdp_{name}" in ids}
+    assert shown | set(OWN_WIDGETS) == set(TrainConfig().to_dict())  # the host decides the others, or own widgets
+    assert all(ids.count(f"prdp_{name}") == 1 for name in shown)
 
 
 def test_form_round_trip(tab, tmp_path):
