@@ -212,59 +212,77 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one epoch
     def train_epoch(self, epoch: int) -> dict:
-        config, sampler, meter = self.config, self.sampler, self.meter
+        """One epoch of Algorithm 1: sample N x B trajectories from the current weights (theta_old), score them,
+        compute their log-probs under the reference model (PRDP), then K updates on these samples. Returns the
+        epoch's metrics."""
+        config, meter = self.config, self.meter
         meter.reset()
         number = epoch + 1  # events and files count epochs from 1
         prompts = draw_prompts(self.train_prompts, config.prompts_per_epoch, config.seed, epoch)
         with meter.phase("sampling"):  # decoding inside it is metered as its own phase
             traj, images = self.sample(prompts, config.images_per_prompt, (config.seed, epoch), number, "sampling",
-                                        keep_trajectory=True)
-
+                                       keep_trajectory=True)
         with meter.phase("reward"):
-            per_image_prompts = [p for p in prompts for _ in range(config.images_per_prompt)]
-            signal, components = self.reward_mix.score(images, per_image_prompts)
-            rewards = signal.view(len(prompts), config.images_per_prompt)  # what the objective learns from
-            total = self.reward_mix.combine(components, normalize=False)  # what is logged: comparable across epochs
-            self._offload_rewards()
+            rewards, total, components = self._score(prompts, images)
         self._emit_samples(number, prompts, images, total, components)
-
-        trained = self.trained_steps
-        log_probs_ref = None
         with meter.phase("reference"):
-            if self.objective.needs_reference:
-                with lora_disabled(self.unet):
-                    log_probs_ref = sampler.all_log_probs(traj, self._progress(number, "reference", traj), trained)
-
+            log_probs_ref = self._reference_log_probs(traj, number)
         with meter.phase("optimization"):
-            advantages = None
-            if self.tracker is not None:
-                advantages = torch.as_tensor(self.tracker.update(prompts, rewards.numpy()), dtype=torch.float32)
-                advantages = advantages.to(traj.log_probs.device)
-            old = traj.log_probs[:, :, :trained]
-            batch = EpochBatch(old, rewards.to(old.device), log_probs_ref, advantages)
-            updates = []
-            # one count over the phase's passes (K backward, K - 1 log-prob), so that progress never runs backwards
-            progress = self._progress(number, "optimization", traj, repeats=2 * config.updates_per_epoch - 1)
-            for k in range(config.updates_per_epoch):
-                # theta = theta_old on the first update, where recomputing would reproduce the stored log-probs.
-                current, graphs = old, None
-                if k > 0:
-                    if self.retain_graphs:
-                        current, graphs = sampler.log_probs_with_graphs(traj, progress, trained)
-                    else:
-                        current = sampler.all_log_probs(traj, progress, trained)
-                loss, grad_norm, stats = self.update(traj, batch, current, graphs, progress)
-                step = epoch * config.updates_per_epoch + k + 1
-                updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
-                self._emit(StepMetrics(number, k, step, loss, grad_norm, stats))
+            updates = self._optimize(traj, prompts, rewards, log_probs_ref, epoch)
+        return self._epoch_metrics(number, total, components, updates)
+
+    def _score(self, prompts: list[str], images: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(what the objective learns from, [N, B]; the raw weighted total that is logged; each component)."""
+        per_prompt = self.config.images_per_prompt
+        signal, components = self.reward_mix.score(images, [p for p in prompts for _ in range(per_prompt)])
+        total = self.reward_mix.combine(components, normalize=False)  # comparable across epochs
+        self._offload_rewards()
+        return signal.view(len(prompts), per_prompt), total, components
+
+    def _reference_log_probs(self, traj: Trajectories, number: int) -> torch.Tensor | None:
+        """log pi_ref of the trained steps: the same UNet with the LoRA off (only objectives that need it)."""
+        if not self.objective.needs_reference:
+            return None
+        with lora_disabled(self.unet):
+            return self.sampler.all_log_probs(traj, self._progress(number, "reference", traj), self.trained_steps)
+
+    def _optimize(self, traj: Trajectories, prompts: list[str], rewards: torch.Tensor,
+                  log_probs_ref: torch.Tensor | None, epoch: int) -> list[dict]:
+        """K updates on the epoch's samples; each update's loss, gradient norm and statistics."""
+        config, sampler, trained, number = self.config, self.sampler, self.trained_steps, epoch + 1
+        advantages = None
+        if self.tracker is not None:
+            advantages = torch.as_tensor(self.tracker.update(prompts, rewards.numpy()), dtype=torch.float32)
+            advantages = advantages.to(traj.log_probs.device)
+        old = traj.log_probs[:, :, :trained]
+        batch = EpochBatch(old, rewards.to(old.device), log_probs_ref, advantages)
+        updates = []
+        # one count over the phase's passes (K backward, K - 1 log-prob), so that progress never runs backwards
+        progress = self._progress(number, "optimization", traj, repeats=2 * config.updates_per_epoch - 1)
+        for k in range(config.updates_per_epoch):
+            # theta = theta_old on the first update, where recomputing would reproduce the stored log-probs.
+            current, graphs = old, None
+            if k > 0:
+                if self.retain_graphs:
+                    current, graphs = sampler.log_probs_with_graphs(traj, progress, trained)
+                else:
+                    current = sampler.all_log_probs(traj, progress, trained)
+            loss, grad_norm, stats = self.update(traj, batch, current, graphs, progress)
+            updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
+            self._emit(StepMetrics(number, k, epoch * config.updates_per_epoch + k + 1, loss, grad_norm, stats))
+        return updates
+
+    def _epoch_metrics(self, number: int, total: torch.Tensor, components: dict, updates: list[dict]) -> dict:
+        """The epoch's line of metrics.jsonl: rewards, losses, implicit-reward statistics, time (and memory) per
+        phase."""
+        meter = self.meter
         timings = {phase: meter.seconds.get(phase, 0.0) for phase in EPOCH_PHASES}
         timings["unet_by_phase"] = {phase: meter.unet_seconds.get(phase, 0.0) for phase in EPOCH_PHASES}
         timings["unet"] = sum(timings["unet_by_phase"].values())
         timings["total"] = sum(timings[k] for k in EPOCH_PHASES)
-
         metrics = {
             "epoch": number,
-            "global_step": number * config.updates_per_epoch,
+            "global_step": number * self.config.updates_per_epoch,
             "reward_mean": total.mean().item(),
             "reward_std": total.std().item(),
             "rewards": {name: {"mean": s.mean().item(), "std": s.std().item()} for name, s in components.items()},
