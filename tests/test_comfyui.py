@@ -122,15 +122,46 @@ def test_every_node_follows_comfyui_rules(comfy):
                     assert kind.isupper(), where  # a link type: IMAGE, PRDP_REWARD_MIX ...
 
 
-def test_training_inputs_are_the_config_fields(comfy):
-    """Every TrainConfig field is a widget of the train node or of the advanced node, or decided by the node."""
-    from prdp_core.config import BASIC_FIELDS, field_specs
+def _another_value(spec):
+    """A valid value of the setting other than its default."""
+    if spec.kind == "checkbox":
+        return not spec.default
+    if spec.choices:
+        return spec.choices[-1] if spec.choices[-1] != spec.default else spec.choices[0]
+    if spec.name == "resolution":
+        return 512  # a multiple of 8
+    if spec.kind == "int":
+        return spec.default + 1 if spec.maximum is None or spec.default < spec.maximum else spec.default - 1
+    if spec.kind == "float":
+        return spec.default / 2 if spec.default else 0.5
+    if spec.kind == "list":
+        return spec.default[:1]
+    return "a blurry photo" if spec.name == "negative_prompt" else "other"
 
-    train_inputs = comfy.nodes["PRDPTrainLoRA"].INPUT_TYPES()["required"]
+
+def test_training_inputs_are_the_config_fields(comfy):
+    """Every TrainConfig field is a widget of the train node or of the advanced node, or decided by the node; a
+    value set in either node is the value the run gets."""
+    from prdp_core.config import field_specs, to_widget
+
+    train_node = comfy.nodes["PRDPTrainLoRA"]
+    train_inputs = train_node.INPUT_TYPES()["required"]
     advanced_inputs = comfy.nodes["PRDPAdvancedSettings"].INPUT_TYPES()["required"]
-    decided = {"prompts", "rewards", "reward_options", "output_dir", "device", "run_name", "lora_name"}
-    assert set(BASIC_FIELDS) <= set(train_inputs) and not set(advanced_inputs) & set(train_inputs)
-    assert set(BASIC_FIELDS) | set(advanced_inputs) | decided == set(TrainConfig().to_dict())
+    fields = set(TrainConfig().to_dict())
+    assert not set(advanced_inputs) & set(train_inputs)
+    own = ("model", "prompts", "eval_prompts", "lora_name")  # inputs of their own form, tested on their own
+    basic = [spec for spec in field_specs(tuple(fields & set(train_inputs))) if spec.name not in own]
+    wanted = {spec.name: _another_value(spec) for spec in [*basic, *field_specs(tuple(advanced_inputs))]
+              if spec.name != "vae"}  # a VAE is a file that must exist
+    (advanced,), _ = run_node(comfy.nodes["PRDPAdvancedSettings"],
+                              **{name: to_widget(name, value) for name, value in wanted.items()
+                                 if name in advanced_inputs})
+    config = train_node.config("builtin:toy", mix_of(comfy, ("toy_match", 1.0)), "", "builtin:toy_train", "",
+                               False, advanced, {name: value for name, value in wanted.items() if name in train_inputs})
+    assert {name: getattr(config, name) for name in wanted} == wanted
+    # the rest the node decides: the mix from the reward nodes, the folder and device from ComfyUI's, a run's name
+    assert fields - set(train_inputs) - set(advanced_inputs) == {"rewards", "reward_options", "output_dir", "device",
+                                                                 "run_name"}
     for spec in field_specs(tuple(advanced_inputs)):  # generated from the field's metadata
         kind, options = advanced_inputs[spec.name]
         assert options["tooltip"] == spec.help
