@@ -410,10 +410,11 @@ def build_tab(context: HostContext | None = None, session: RunSession | None = N
                 with gr.Accordion("advanced", open=False):
                     rows(field_specs(ADVANCED), 2)
                 with gr.Row():
-                    save = gr.Button("save config")
+                    with gr.Column(min_width=160):  # the button above the file it saves, at its own height
+                        save = gr.Button("save config")
+                        config_file = gr.File(label="saved config", interactive=False)
                     load = gr.File(label="load config (.toml, .json)", file_types=[".toml", ".json"],
                                    elem_id="prdp_load_config")
-                    config_file = gr.File(label="saved config", interactive=False)
                 config_message = gr.HTML(elem_id="prdp_config_message")  # beside the buttons that caused it
             with gr.Column():
                 estimate = gr.HTML(elem_id="prdp_estimate")
