@@ -1,5 +1,5 @@
-"""What a run folder shows people: each epoch's samples, the reward curve, the before/after grid, and the traceback
-of a failure. The trainer calls these; they draw and write, and decide nothing about training."""
+"""What a run folder shows people: each epoch's samples, the reward curve, the before/after grid, the summary, and
+the traceback of a failure. The trainer calls these; they draw and write, and decide nothing about training."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .evaluation import paired_delta
+from .files import atomic_write_text
 from .plots import image_grid, line_plot
 
 
@@ -59,6 +61,24 @@ def save_before_after(out: Path, eval_sets: dict[str, list[str]], count: int, be
                 captions.append([f"{score:.3g}" for score in scores])
                 titles.append(f"{label} | {name}: {prompt} | mean reward {np.mean(scores):.3g}")
     image_grid(rows, captions, titles).save(out)
+
+
+def write_summary(path: Path, before: dict, after: dict, lora: Path, wall_time_s: float, epochs: int, mix: str,
+                  config) -> dict:
+    """summary.json: each eval set before and after on the same seeds with the paired change, wall time, the LoRA,
+    the reward mix and the config."""
+    summary = {
+        "eval": {name: {"before": before[name], "after": after[name],
+                        "delta": paired_delta(before[name]["scores"], after[name]["scores"])} for name in after},
+        "wall_time_s": wall_time_s,
+        "epochs": epochs,
+        "lora": str(lora),
+        "reward_mix": mix,
+        "model": config.model,
+        "config": config.to_dict(),
+    }
+    atomic_write_text(path, json.dumps(summary, indent=2))
+    return summary
 
 
 def log_traceback(run_dir: Path) -> Path | None:

@@ -35,7 +35,7 @@ from .config import TrainConfig
 from .errors import ConfigError, PrdpError
 from .events import (CheckpointWritten, EpochEnd, EpochSampled, Evaluated, Event, Failed, Finished, Progress,
                      RunStarted, StepMetrics)
-from .evaluation import EVAL_NOISE_KEY, paired_delta, score_evaluation
+from .evaluation import EVAL_NOISE_KEY, score_evaluation
 from .export import export_lora, training_metadata
 from .lora_weights import LoraWeights
 from .files import atomic_write_text
@@ -491,19 +491,9 @@ class Trainer:
                                     (after_images, after))
 
     def _write_summary(self, after: dict, lora: Path, seconds: float) -> dict:
-        before = self.state["eval_before"]
-        summary = {
-            "eval": {name: {"before": before[name], "after": after[name],
-                            "delta": paired_delta(before[name]["scores"], after[name]["scores"])} for name in after},
-            "wall_time_s": self.state.get("elapsed_s", 0.0) + seconds,
-            "epochs": self.epoch,
-            "lora": str(lora),
-            "reward_mix": self.reward_mix.describe(),
-            "model": self.config.model,
-            "config": self.config.to_dict(),
-        }
-        atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
-        return summary
+        return reporting.write_summary(self.run_dir / SUMMARY_FILE, self.state["eval_before"], after, lora,
+                                       self.state.get("elapsed_s", 0.0) + seconds, self.epoch,
+                                       self.reward_mix.describe(), self.config)
 
     def _log_traceback(self) -> Path | None:
         return reporting.log_traceback(self.run_dir) if self.run_dir is not None else None
