@@ -160,9 +160,9 @@ class PRDPTrainLoRA:
         defaults = TrainConfig()
         required = {
             "model": ([*BUILTIN_MODELS, *comfy_io.checkpoint_names()],
-                      {"default": defaults.model, "tooltip": "The base model: builtin:toy trains in minutes on a "
-                       "CPU; a checkpoint from models/checkpoints (SD1.x, SD2.x, SDXL) is the real job. The other "
-                       "builtins have random weights, for trying the plumbing only."}),
+                      {"default": defaults.model, "tooltip": "The base model: a checkpoint from models/checkpoints "
+                       "(SD1.x, SD2.x, SDXL), or builtin:toy, which trains in minutes on a CPU (the other builtins "
+                       "have random weights, for trying the plumbing)."}),
             "reward_mix": (REWARD_MIX, {"tooltip": "What to raise: PRDP Reward nodes, chained."}),
             "prompts": _text("", "Training prompts, one per line; empty: the prompt set below.", multiline=True),
             "prompt_set": ([BUILTIN_PREFIX + name for name in builtin_prompt_sets()],
@@ -180,9 +180,8 @@ class PRDPTrainLoRA:
             "lora_name": _text("prdp_lora", "File name in models/loras (no folders); a file of that name is "
                                "replaced, the run folder keeps every run's own copy."),
             "resume": ("BOOLEAN", {"default": True, "tooltip": "On: a run with these settings continues where it "
-                                   "stopped: an interrupted run resumes, a finished one is reused, or extended when "
-                                   "epochs is raised (the same LoRA as training that many epochs from the start). "
-                                   "Off: a new run."}),
+                                   "stopped, and a finished one is reused (or extended when epochs is raised). Off: "
+                                   "a new run."}),
         })
         return {"required": required, "optional": {"advanced": (SETTINGS, {"tooltip": "PRDP Advanced Settings."})}}
 
