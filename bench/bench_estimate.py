@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from prdp_core.config import TrainConfig  # noqa: E402
 from prdp_core.estimate import run_work  # noqa: E402
 from prdp_core.events import RunStarted  # noqa: E402
-from prdp_core.prompts import evaluation_sets, load_prompts  # noqa: E402
+from prdp_core.prompts import evaluation_sets  # noqa: E402
 from prdp_core.session import measured_pace  # noqa: E402
 from prdp_core.trainer import Trainer  # noqa: E402
 
@@ -60,8 +60,7 @@ def main() -> None:
     rows = []
     for changes in SIZES:
         config = TrainConfig.from_dict({**base, **changes})
-        sets = evaluation_sets(load_prompts(config.prompts), config.eval_prompts, config.eval_max_prompts)
-        work = run_work(config, {name: len(prompts) for name, prompts in sets.items()})
+        work = run_work(config, evaluation_sets(config))
         estimate = measured_pace(out, config) * work.total
         actual = timed_run(config)
         rows.append({"changes": changes, "estimate_s": round(estimate, 2), "actual_s": round(actual, 2),

@@ -9,7 +9,7 @@ began."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from .config import TrainConfig
 
@@ -73,8 +73,8 @@ class RunWork:
         return min(work, self.total)
 
 
-def run_work(config: TrainConfig, eval_prompts: Mapping[str, int]) -> RunWork:
-    """The work of `config` with `eval_prompts` prompts in each evaluation set."""
+def run_work(config: TrainConfig, eval_sets: Mapping[str, Sequence[str]]) -> RunWork:
+    """The work of a run with `config` whose evaluations sample `eval_sets` (set name -> prompts)."""
     guidance = 2 if config.guidance_scale > 1.0 else 1  # the sampler skips the unconditional branch at scale <= 1
     images = config.prompts_per_epoch * config.images_per_prompt
     trained = images * config.trained_steps() * guidance
@@ -82,11 +82,11 @@ def run_work(config: TrainConfig, eval_prompts: Mapping[str, int]) -> RunWork:
     from .objectives import make_objective  # the objective says whether it needs the reference pass
 
     reference = trained if make_objective(config).needs_reference else 0.0
-    eval_images = sum(eval_prompts.values()) * config.eval_images_per_prompt
+    eval_images = sum(map(len, eval_sets.values())) * config.eval_images_per_prompt
     return RunWork(
         epochs=config.epochs, eval_every=config.eval_every,
-        eval_sets={name: n * config.eval_images_per_prompt * config.num_steps * guidance
-                   for name, n in eval_prompts.items()},
+        eval_sets={name: len(prompts) * config.eval_images_per_prompt * config.num_steps * guidance
+                   for name, prompts in eval_sets.items()},
         eval_images=eval_images,
         # K forward + backward passes, and K - 1 passes that recompute the log-probs after an update
         passes={"sampling": images * config.num_steps * guidance, "reference": reference,

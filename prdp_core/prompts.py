@@ -87,12 +87,14 @@ def draw_prompts(prompts: Sequence[str], count: int, seed: int, epoch: int) -> l
     return [prompts[i] for i in index]
 
 
-def evaluation_sets(train_prompts: Sequence[str], eval_source: str, max_prompts: int) -> dict[str, list[str]]:
-    """What every evaluation samples: "seen" (training prompts) and, given `eval_source`, "unseen" (held-out ones),
-    each at most `max_prompts` (0: all) evenly spaced through its set, since sets are often sorted by subject."""
-    sets = {"seen": _spread(list(train_prompts), max_prompts)}
-    if eval_source:
-        sets["unseen"] = _spread(load_prompts(eval_source), max_prompts)
+def evaluation_sets(config, train_prompts: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """What every evaluation of a run with `config` samples: "seen" (its training prompts, loaded unless given) and,
+    where it has held-out prompts, "unseen"; each at most eval_max_prompts (0: all) evenly spaced through its set,
+    since sets are often sorted by subject."""
+    train = load_prompts(config.prompts) if train_prompts is None else train_prompts
+    sets = {"seen": _spread(list(train), config.eval_max_prompts)}
+    if config.evaluation_prompts():
+        sets["unseen"] = _spread(load_prompts(config.evaluation_prompts()), config.eval_max_prompts)
     return sets
 
 

@@ -155,7 +155,7 @@ class RunSession:
             raise
         self._stop = threading.Event()
         with self._guard:
-            work = run_work(trainer.config, {name: len(prompts) for name, prompts in trainer.eval_sets.items()})
+            work = run_work(trainer.config, trainer.eval_sets)
             shown, self._state = self._state, Snapshot(status="running", epochs=trainer.config.epochs,
                                                        phase=WAITING_FOR_GPU, started_at=time.time(), work=work,
                                                        updates=trainer.config.updates_per_epoch)
@@ -237,15 +237,17 @@ def matching_runs(folder: str | Path, config: TrainConfig, ignore: tuple[str, ..
     return [run for run in list_runs(folder) if identity(run.config) == wanted]
 
 
+PACE_SETTINGS = ("model", "vae", "resolution", "precision", "device")  # runs with these equal run at one pace
+
+
 def measured_pace(runs_folder: str | Path, config: TrainConfig) -> float | None:
     """Seconds per image-step that earlier runs in `runs_folder` measured with the same model, size, precision and
     device (the median of their epochs), or None where none did."""
     from .trainer import METRICS_FILE
 
-    same = ("model", "resolution", "precision", "device", "vae")
     paces = []
     for run in list_runs(runs_folder):
-        if any(getattr(run.config, name) != getattr(config, name) for name in same):
+        if any(getattr(run.config, name) != getattr(config, name) for name in PACE_SETTINGS):
             continue
         epoch = run_work(run.config, {}).epoch
         for line in (run.path / METRICS_FILE).read_text(encoding="utf-8").splitlines():

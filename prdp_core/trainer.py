@@ -72,7 +72,7 @@ class Trainer:
         self.resume_dir = Path(resume_dir) if resume_dir else None
         # Cheap checks first, so bad prompts or reward names fail before a model is loaded.
         self.train_prompts = load_prompts(config.prompts)
-        self.eval_sets = evaluation_sets(self.train_prompts, config.evaluation_prompts(), config.eval_max_prompts)
+        self.eval_sets = evaluation_sets(config, self.train_prompts)
         self.device = resolve_device(config.device)
         self.reward_mix = RewardMix(config.rewards, device=self.device, dtype=config.reward_dtype,
                                     options=config.reward_options, normalization=config.reward_normalization)

@@ -12,7 +12,7 @@ CONFIG = TrainConfig(epochs=3, prompts_per_epoch=2, images_per_prompt=4, num_ste
 
 
 def test_work_counted_by_hand():
-    work = run_work(CONFIG, {"seen": 4, "unseen": 3})
+    work = run_work(CONFIG, {"seen": ["p"] * 4, "unseen": ["p"] * 3})
     # 8 images x 10 steps x 2 (guidance); 2 trained steps (ceil of 1.5): the reference pass and each update's
     # forward + backward (3 forwards' worth), and the 3 recomputations after the first update
     assert work.passes == {"sampling": 160, "reference": 32, "optimization": 4 * 3 * 32 + 3 * 32}
@@ -21,12 +21,13 @@ def test_work_counted_by_hand():
     assert work.total == 3 * (160 + 32 + 480) + 2 * 280
     ddpo = run_work(TrainConfig.from_dict({**CONFIG.to_dict(), "objective": "ddpo", "guidance_scale": 1.0}), {})
     assert ddpo.passes["reference"] == 0 and ddpo.passes["sampling"] == 80  # no reference; no unconditional branch
-    every = run_work(TrainConfig.from_dict({**CONFIG.to_dict(), "epochs": 7, "eval_every": 3}), {"seen": 1})
+    every = run_work(TrainConfig.from_dict({**CONFIG.to_dict(), "epochs": 7, "eval_every": 3}), {"seen": ["p"]})
     assert every.evaluations == 4  # before, after epochs 3 and 6, after training
 
 
 def test_the_share_done_through_a_run():
-    work = run_work(TrainConfig.from_dict({**CONFIG.to_dict(), "eval_every": 2}), {"seen": 4, "unseen": 3})
+    work = run_work(TrainConfig.from_dict({**CONFIG.to_dict(), "eval_every": 2}),
+                    {"seen": ["p"] * 4, "unseen": ["p"] * 3})
     evaluation, epoch = work.evaluation, work.epoch
     points = [
         (work.done(0, {}, "eval seen", 1, 2), evaluation * 4 / 7 / 2),  # half of the first set of 7 prompts' images
@@ -47,7 +48,7 @@ def test_the_share_done_through_a_run():
 
 
 def test_time_left_goes_by_the_runs_own_pace():
-    work = run_work(CONFIG, {"seen": 4})
+    work = run_work(CONFIG, {"seen": ["p"] * 4})
     # began 100 s ago (model loaded) at 40 % done, now at 60 %: 20 % took 100 s, 40 % are left
     snapshot = Snapshot(status="running", epochs=3, work=work, work_started_at=1000.0,
                         work_at_start=0.4 * work.total)

@@ -19,9 +19,9 @@ from prdp_core.errors import PrdpError
 from prdp_core.estimate import run_work
 from prdp_core.export import export_lora, run_thumbnail
 from prdp_core.plots import line_plot
-from prdp_core.prompts import builtin_prompt_sets, evaluation_sets, load_prompts
+from prdp_core.prompts import builtin_prompt_sets, evaluation_sets
 from prdp_core.rewards import reward_names
-from prdp_core.session import (WAITING_FOR_GPU, BusyError, RunSession, Snapshot, measured_pace,
+from prdp_core.session import (PACE_SETTINGS, WAITING_FOR_GPU, BusyError, RunSession, Snapshot, measured_pace,
                                read_run_config)
 
 from .form import (ADVANCED, BASIC, EVALUATION, FIELDS, QUICK_TRY, REWARD, config_to_form, form_to_config,
@@ -79,6 +79,7 @@ class TabState:
         self._message_under: tuple | None = None  # the session state the latest run message is true in
         self._estimated: tuple = ()  # the form values of the latest estimate
         self._estimated_under: tuple = ()  # the run it could measure its pace by: (run folder, status)
+        self._paces: dict[tuple, float | None] = {}  # measured_pace per model and size, until the next run ends
 
     # ------------------------------------------------------------------------------------------ callbacks
     def config(self, values: list, weights: list, builtin: str, text: str, upload) -> TrainConfig:
@@ -125,10 +126,14 @@ class TabState:
         self._estimated, self._estimated_under = (values, weights, builtin, text, upload), (state.run_dir, state.status)
         try:
             config = self.config(values, weights, builtin, text, upload)
-            sets = evaluation_sets(load_prompts(config.prompts), config.evaluation_prompts(), config.eval_max_prompts)
+            sets = evaluation_sets(config)
         except PrdpError as exc:
             return f"Cannot estimate this run yet: {exc}"
-        return describe_run(config, sets, measured_pace(self.context.output_dir, config))
+        # the form changes at every keystroke; earlier runs' paces only when a run ends (poll clears them then)
+        same = tuple(getattr(config, name) for name in PACE_SETTINGS)
+        if same not in self._paces:
+            self._paces[same] = measured_pace(self.context.output_dir, config)
+        return describe_run(config, sets, self._paces[same])
 
     def poll(self, seen: tuple | None = None) -> View:
         """The view of the run; the pictures and buttons only where they changed since the caller's `seen` key (else
@@ -144,6 +149,8 @@ class TabState:
                                                         state.samples], _captions(state), grid_time and str(grid)))
         stale = self._message_under is not None and self._message_under != (state.status, state.stopping)
         ended = not running and self._estimated and self._estimated_under != (state.run_dir, state.status)
+        if ended:
+            self._paces.clear()
         return View(_status_html(state), "\n".join(state.log), *pictures,
                     UNCHANGED if seen and tuple(seen[5]) == controls else controls, "" if stale else UNCHANGED,
                     self.estimate(*self._estimated) if ended else UNCHANGED, key)
@@ -247,7 +254,7 @@ def notice_html(notice: Notice | None) -> str:
 
 def describe_run(config: TrainConfig, eval_sets: dict[str, list[str]], pace: float | None) -> str:
     """The run's size in words, the evaluation's share of it, and its time at `pace` seconds per image-step."""
-    work = run_work(config, {name: len(prompts) for name, prompts in eval_sets.items()})
+    work = run_work(config, eval_sets)
     sets = " and ".join(f"{len(prompts)} {name}" for name, prompts in eval_sets.items())
     share = round(100 * work.evaluations * work.evaluation / work.total) if work.total else 0
     when = "before and after training" if work.evaluations == 2 else f"{work.evaluations} times"
