@@ -117,7 +117,6 @@ def estimate(config: TrainConfig) -> dict:
     params = lora_parameters(pipe.unet)
     sampler = Sampler(pipe, config.num_steps, config.guidance_scale, config.eta, config.negative_prompt,
                       config.resolution)
-    pipe.scheduler.set_timesteps(config.num_steps)  # real timesteps on the CPU: the step arithmetic indexes by them
     resident = [pipe.unet, pipe.vae]
     if not config.offload_models:
         resident += [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
@@ -139,7 +138,8 @@ def estimate(config: TrainConfig) -> dict:
         meter.reset_peak()
         cond, negative = _conditioning(pipe, sampler.sdxl), _conditioning(pipe, sampler.sdxl)
         with torch.no_grad():
-            sampler.guided_prediction(torch.empty(m, *latent, device=META), sampler.timesteps[0], cond, negative)
+            sampler.guided_prediction(torch.empty(m, *latent, device=META), sampler.timesteps[0],
+                                      sampler.chunk_text(cond.expand(m), negative))
         peaks["sampling"] = meter.peak
         meter.reset_peak()
         sampler.decode(torch.empty(m, *latent, device=META))
@@ -148,7 +148,7 @@ def estimate(config: TrainConfig) -> dict:
         traj = Trajectories(prompts=["-"], cond=cond, negative=negative, timesteps=sampler.timesteps,
                             latents=torch.empty(1, m, 2, *latent, device=META),
                             log_probs=torch.empty(1, m, 1, device=META), batch_size=m)
-        log_probs = sampler.chunk_log_probs(traj, 0, slice(0, m), 0)
+        log_probs = sampler.chunk_log_probs(traj, slice(0, m), 0)
         torch.autograd.grad(log_probs.sum(), params, materialize_grads=True)
         peaks["optimization"] = meter.peak
     return {

@@ -32,8 +32,8 @@ MODES = ("fp32", "fp32-repeat", "fp16", "fp16-unscaled", "bf16")
 
 
 def _plain_backward(trainer: Trainer):
-    def backward(traj, n, images, step, coef):
-        (coef * trainer.sampler.chunk_log_probs(traj, n, images, step)).sum().backward()
+    def backward(traj, images, step, coef, text=None):
+        (coef * trainer.sampler.chunk_log_probs(traj, images, step, text)).sum().backward()
     return backward
 
 

@@ -43,8 +43,9 @@ def success(sampler: Sampler, classifier, prompt: str, varied: set, context: int
         noise.append(own if source in varied else shared)
     cond, negative = sampler.encode_prompts([prompt])
     latents = noise[0] * pipe.scheduler.init_noise_sigma
+    text = sampler.chunk_text(cond.expand(draws), negative)
     for k, timestep in enumerate(sampler.timesteps):
-        output = sampler.guided_prediction(latents, timestep, cond, negative)
+        output = sampler.guided_prediction(latents, timestep, text)
         mean, std = ddim_mean_std(pipe.scheduler, output, timestep, latents, sampler.eta)
         latents = mean + std * noise[k + 1]
     images = to_pil(sampler.decode(latents))

@@ -16,7 +16,7 @@ CHEAP_GRAPHS_MAX_COUNT = 16  # micro-batch-steps per update; the toy default kee
 
 def graphs_are_cheap(config: TrainConfig, device: torch.device, unet, trained_steps: int) -> bool:
     """Whether retain_graphs auto keeps the graphs: on the CPU (no fp16), for a small UNet and few graphs."""
-    chunks = config.prompts_per_epoch * math.ceil(config.images_per_prompt / config.batch_size)
+    chunks = math.ceil(config.prompts_per_epoch * config.images_per_prompt / config.batch_size)
     return (device.type == "cpu" and config.precision != "fp16" and chunks * trained_steps <= CHEAP_GRAPHS_MAX_COUNT
             and sum(p.numel() for p in unet.parameters()) < CHEAP_GRAPHS_MAX_UNET_PARAMETERS)
 

@@ -424,6 +424,13 @@ def lora_modules(unet) -> list[str]:
     return [name for name, module in unet.named_modules() if isinstance(module, LoraLayer)]
 
 
+def lora_is_zero(unet) -> bool:
+    """Whether every adapter adds exactly nothing (all lora_B weights zero, as PEFT initialises them): the UNet then
+    computes what it computes with its adapters disabled, to the bit."""
+    weights = [p for n, p in unet.named_parameters() if "lora_B" in n]
+    return bool(weights) and not torch.stack([w.detach().abs().max() for w in weights]).any().item()
+
+
 @contextlib.contextmanager
 def lora_disabled(unet) -> Iterator[None]:
     """The frozen reference model: the same UNet with every adapter switched off."""

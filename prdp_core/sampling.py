@@ -6,8 +6,9 @@ Classifier-free guidance is applied inside every step, for sampling and for ever
 
 Exactness of recomputed log-probs depends on computing them the same way they were sampled: the same UNet batch
 composition (uncond and cond halves of the same images), the same dtype, fp32 for the Gaussian. So every UNet call,
-in sampling and in training, goes through `Sampler.guided_prediction` on one *chunk*: up to `batch_size` images of
-one prompt at one timestep.
+in sampling and in training, goes through `Sampler.guided_prediction` on one *chunk* at one timestep: up to
+`batch_size` consecutive images of the epoch (prompt-major, so a chunk may span prompts), the same chunks in every
+pass (`image_chunks`).
 
 SDXL differs only in its conditioning: a pooled text embedding and the size/crop "time ids" join the token
 embeddings (`TextConditioning`), exactly as `StableDiffusionXLPipeline` passes them.
@@ -22,18 +23,26 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 _NEGATIVE = "\0negative"  # the negative prompt's key in the text cache (no real prompt contains NUL)
 
 
 # ---------------------------------------------------------------------------------------------- the step
-def ddim_mean_std(scheduler, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float):
-    """Mean and std of p(x_{t-1} | x_t) for one DDIM step, in diffusers' `DDIMScheduler.step` arithmetic."""
+def ddim_alphas(scheduler, timestep) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha_bar of a DDIM step's timestep and of the one it steps to (0-d fp32 tensors), as `DDIMScheduler.step`
+    looks them up."""
     prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alpha_prod_t = scheduler.alphas_cumprod[timestep]
     alpha_prod_t_prev = scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else scheduler.final_alpha_cumprod
+    return alpha_prod_t, alpha_prod_t_prev
+
+
+def ddim_mean_std(scheduler, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float,
+                  alphas: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Mean and std of p(x_{t-1} | x_t) for one DDIM step, in diffusers' `DDIMScheduler.step` arithmetic. `alphas`:
+    `ddim_alphas(scheduler, timestep)` looked up beforehand (the lookup waits for an accelerator's timestep)."""
+    alpha_prod_t, alpha_prod_t_prev = alphas if alphas is not None else ddim_alphas(scheduler, timestep)
     beta_prod_t = 1 - alpha_prod_t
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -92,9 +101,16 @@ class TextConditioning:
 
 
 # ---------------------------------------------------------------------------------------------- trajectories
+def image_chunks(count: int, batch_size: int) -> list[slice]:
+    """The UNet calls over `count` images (prompt-major): consecutive runs of up to `batch_size`, spanning prompts, so
+    that few images per prompt still fill the UNet's batch. Sampling and every later pass use these same chunks."""
+    return [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+
+
 @dataclass
 class Trajectories:
-    """One epoch's samples. Index order everywhere: prompt n, image i, step t (t = 0 is the first, noisiest step)."""
+    """One epoch's samples. Index order everywhere: prompt n, image i, step t (t = 0 is the first, noisiest step).
+    Chunks index the images flattened prompt-major (image n * B + i), as `flat` and `flat_log_probs` hold them."""
 
     prompts: list[str]  # N
     cond: TextConditioning  # N rows
@@ -108,12 +124,20 @@ class Trajectories:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.log_probs.shape)
 
-    def chunks(self) -> Iterator[tuple[int, slice]]:
-        """(prompt index, image slice) of every UNet call, in a fixed order shared by all passes."""
+    def chunks(self) -> list[slice]:
+        """The flat image slice of every UNet call, in the order and composition they were sampled in."""
         n_prompts, n_images, _ = self.shape
-        for n in range(n_prompts):
-            for start in range(0, n_images, self.batch_size):
-                yield n, slice(start, min(start + self.batch_size, n_images))
+        return image_chunks(n_prompts * n_images, self.batch_size)
+
+    @property
+    def flat_latents(self) -> torch.Tensor:
+        """latents as [N * B, T + 1, C, h, w] (a view)."""
+        return self.latents.flatten(0, 1)
+
+    def chunk_cond(self, images: slice) -> TextConditioning:
+        """The conditioning of each image of a chunk (one row per image)."""
+        rows = torch.arange(images.start, images.stop, device=self.cond.embeds.device) // self.shape[1]
+        return self.cond[rows]
 
 
 def synchronize(device: torch.device) -> None:
@@ -124,20 +148,36 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class UNetClock:
-    """Seconds spent inside UNet forward and backward calls, for the benchmark's UNet share."""
+    """Seconds spent inside UNet forward and backward calls, for the benchmark's UNet share. On CUDA each call is
+    timed by a pair of events, read only when `seconds` is asked for, so timing never makes the host wait for the
+    accelerator inside the step loop."""
 
     device: torch.device = torch.device("cpu")
-    seconds: float = 0.0
     calls: int = 0
+    _seconds: float = 0.0
+    _events: list = field(default_factory=list)
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
-        synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        synchronize(self.device)
-        self.seconds += time.perf_counter() - start
         self.calls += 1
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            start = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - start
+
+    @property
+    def seconds(self) -> float:
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(start.elapsed_time(end) for start, end in self._events) / 1000
+            self._events.clear()
+        return self._seconds
 
 
 class PhaseMeter:
@@ -204,7 +244,11 @@ class Sampler:
     clock: UNetClock = field(default_factory=UNetClock)
 
     def __post_init__(self):
-        self.pipe.scheduler.set_timesteps(self.num_steps, device=self.device)
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(self.num_steps)  # on the CPU first, for the lookups below (even on the meta device)
+        # each step's alpha_bar pair, looked up once rather than at every call of every step
+        self._alphas = [ddim_alphas(scheduler, timestep) for timestep in scheduler.timesteps]
+        scheduler.set_timesteps(self.num_steps, device=self.device)
         self.clock.device = self.device
         self.sdxl = getattr(self.pipe.unet.config, "addition_embed_type", None) == "text_time"
         self._text_cache: dict[str, TextConditioning] = {}  # prompt -> its conditioning, on the UNet's device
@@ -264,18 +308,17 @@ class Sampler:
             self._time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=unet.dtype, device=unet.device)
         return self._time_ids.expand(count, -1)
 
-    def guided_prediction(self, latents: torch.Tensor, timestep, cond: TextConditioning,
-                          negative: TextConditioning) -> torch.Tensor:
-        """The guided model output (fp32) for a chunk of latents [m, C, h, w] and its conditioning (m or 1 rows)."""
+    def chunk_text(self, cond: TextConditioning, negative: TextConditioning) -> TextConditioning:
+        """The UNet's text input for a chunk whose images have conditioning `cond` (one row per image): the negative
+        rows, then `cond`, under guidance. Built once per chunk and pass, then used at every step."""
         unet = self.pipe.unet
-        m = latents.shape[0]
-        cond = cond.expand(m)
-        if self.guided:
-            model_input = torch.cat([latents, latents]).to(unet.dtype)
-            text = TextConditioning.cat([negative.expand(m), cond])
-        else:
-            model_input, text = latents.to(unet.dtype), cond
-        text = text.to(unet.device, unet.dtype)  # no copy when it already is
+        text = TextConditioning.cat([negative.expand(len(cond)), cond]) if self.guided else cond
+        return text.to(unet.device, unet.dtype)  # no copy when it already is
+
+    def guided_prediction(self, latents: torch.Tensor, timestep, text: TextConditioning) -> torch.Tensor:
+        """The guided model output (fp32) for a chunk of latents [m, C, h, w] and its `chunk_text`."""
+        unet = self.pipe.unet
+        model_input = (torch.cat([latents, latents]) if self.guided else latents).to(unet.dtype)
         extra = {}
         if self.sdxl:
             extra["added_cond_kwargs"] = {"text_embeds": text.pooled, "time_ids": self.time_ids(len(text))}
@@ -287,64 +330,81 @@ class Sampler:
         uncond, text_output = output.chunk(2)
         return uncond + self.guidance_scale * (text_output - uncond)
 
+    def trajectory_noise(self, generator: torch.Generator | list[torch.Generator], count: int) -> torch.Tensor:
+        """The noise `count` trajectories consume, [T + 1, count, C, h, w] fp32 on the UNet's device: x_T, then each
+        step's. Drawn as `StableDiffusionPipeline.__call__` draws it from `generator` (one, or one per image), in one
+        call per generator where that gives the same numbers: torch's CPU normal sampler fills blocks of 16 values,
+        so one draw of a multiple of 16 values per step equals the steps' consecutive draws."""
+        pipe = self.pipe
+        side = self.side // pipe.vae_scale_factor
+        image = (pipe.unet.config.in_channels, side, side)
+        draws = len(self.timesteps) + 1
+        generators = generator if isinstance(generator, list) else [generator]
+        rows = count // len(generators)  # images per generator: one each, or all of them
+
+        def draw(gen, shape):
+            return torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
+        if all(gen.device.type == "cpu" for gen in generators) and rows * math.prod(image) % 16 == 0:
+            parts = [draw(gen, (draws, rows, *image)) for gen in generators]
+        else:
+            parts = [torch.stack([draw(gen, (rows, *image)) for _ in range(draws)]) for gen in generators]
+        return torch.cat(parts, dim=1).to(self.device)
+
     @torch.no_grad()
     def sample_chunk(self, cond: TextConditioning, negative: TextConditioning, count: int,
                      generator: torch.Generator | list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample `count` trajectories of one prompt (`cond` of 1 row) or of one prompt each (`count` rows).
         Returns latents [count, T+1, C, h, w] (x_T .. x_0) and log-probs [count, T]. Consumes `generator` (one, or
         one per image) exactly as `StableDiffusionPipeline.__call__` does."""
-        pipe = self.pipe
-        side = self.side // pipe.vae_scale_factor
-        shape = (count, pipe.unet.config.in_channels, side, side)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        latents = latents * pipe.scheduler.init_noise_sigma
+        scheduler = self.pipe.scheduler
+        text = self.chunk_text(cond.expand(count), negative)
+        noise = self.trajectory_noise(generator, count)
+        latents = noise[0] * scheduler.init_noise_sigma
         trajectory, log_probs = [latents], []
-        for timestep in self.timesteps:
-            output = self.guided_prediction(latents, timestep, cond, negative)
-            mean, std = ddim_mean_std(pipe.scheduler, output, timestep, latents, self.eta)
-            noise = randn_tensor(output.shape, generator=generator, device=output.device, dtype=output.dtype)
-            latents = mean + std * noise
+        for step, timestep in enumerate(self.timesteps):
+            output = self.guided_prediction(latents, timestep, text)
+            mean, std = ddim_mean_std(scheduler, output, timestep, latents, self.eta, self._alphas[step])
+            latents = mean + std * noise[step + 1]
             log_probs.append(gaussian_log_prob(latents, mean, std))
             trajectory.append(latents)
         return torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1)
 
-    def chunk_log_probs(self, traj: Trajectories, n: int, images: slice, step: int) -> torch.Tensor:
+    def chunk_log_probs(self, traj: Trajectories, images: slice, step: int,
+                        text: TextConditioning | None = None) -> torch.Tensor:
         """log pi(x_{t-1} | x_t, c) under the UNet's current weights for one chunk at one step, shape [m]. Carries
-        gradient when called with grad enabled."""
-        x_t = traj.latents[n, images, step]
-        x_prev = traj.latents[n, images, step + 1]
+        gradient when called with grad enabled. `text`: the chunk's `chunk_text`, when already built."""
+        latents = traj.flat_latents
+        x_t, x_prev = latents[images, step], latents[images, step + 1]
         timestep = traj.timesteps[step]
-        output = self.guided_prediction(x_t, timestep, traj.cond[n:n + 1], traj.negative)
-        mean, std = ddim_mean_std(self.pipe.scheduler, output, timestep, x_t, self.eta)
+        text = text if text is not None else self.chunk_text(traj.chunk_cond(images), traj.negative)
+        output = self.guided_prediction(x_t, timestep, text)
+        mean, std = ddim_mean_std(self.pipe.scheduler, output, timestep, x_t, self.eta, self._alphas[step])
         return gaussian_log_prob(x_prev, mean, std)
 
     @torch.no_grad()
     def all_log_probs(self, traj: Trajectories, on_chunk=None, steps: int | None = None) -> torch.Tensor:
         """Recompute log-probs [N, B, steps] of the stored transitions of the first `steps` steps (all: None)
         under the current weights."""
-        steps = traj.shape[2] if steps is None else steps
-        out = torch.empty_like(traj.log_probs[:, :, :steps])
-        for n, images in traj.chunks():
-            for step in range(steps):
-                out[n, images, step] = self.chunk_log_probs(traj, n, images, step)
-            if on_chunk is not None:
-                on_chunk()
-        return out
+        return self.log_probs_with_graphs(traj, on_chunk, steps, keep_graphs=False)[0]
 
-    def log_probs_with_graphs(self, traj: Trajectories, on_chunk=None,
-                              steps: int | None = None) -> tuple[torch.Tensor, dict[tuple, torch.Tensor]]:
+    def log_probs_with_graphs(self, traj: Trajectories, on_chunk=None, steps: int | None = None,
+                              keep_graphs: bool = True) -> tuple[torch.Tensor, dict[tuple, torch.Tensor]]:
         """As `all_log_probs`, but each chunk's log-probs also come back with their autograd graph, keyed by
-        (prompt, first image, step), so that a backward pass can follow without a second forward pass."""
-        steps = traj.shape[2] if steps is None else steps
-        out = torch.empty_like(traj.log_probs[:, :, :steps])
+        (first image, step), so that a backward pass can follow without a second forward pass."""
+        n_prompts, n_images, n_steps = traj.shape
+        steps = n_steps if steps is None else steps
+        out = torch.empty(n_prompts * n_images, steps, dtype=traj.log_probs.dtype, device=traj.log_probs.device)
         graphs = {}
-        for n, images in traj.chunks():
+        for images in traj.chunks():
+            text = self.chunk_text(traj.chunk_cond(images), traj.negative)
             for step in range(steps):
-                graphs[n, images.start, step] = self.chunk_log_probs(traj, n, images, step)
-                out[n, images, step] = graphs[n, images.start, step].detach()
+                log_probs = self.chunk_log_probs(traj, images, step, text)
+                out[images, step] = log_probs.detach()
+                if keep_graphs:
+                    graphs[images.start, step] = log_probs
             if on_chunk is not None:
                 on_chunk()
-        return out, graphs
+        return out.view(n_prompts, n_images, steps), graphs
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,12 @@ The gradient. The objective L depends on the weights only through the log-probs 
 transitions, so  dL/dtheta = sum_{n,i,t} c[n,i,t] * d lp[n,i,t]/dtheta  with  c = dL/dlp  evaluated at the current
 log-probs. We (1) get the current lp without gradient (free on the first update: theta = theta_old, so lp equals
 the stored log pi_old), (2) get c by autograd through the objective on that small [N, B, T] tensor, then (3) for
-each chunk (<= batch_size images of one prompt) and step, recompute lp with gradient and back-propagate
-sum(c * lp). Peak memory is one UNet micro-batch whatever B and T are, and chunks whose coefficients are all zero
-(clipped steps, all-tied prompts) are skipped.
+each chunk (the same <= batch_size consecutive images as in sampling) and step, recompute lp with gradient and
+back-propagate sum(c * lp). Peak memory is one UNet micro-batch whatever B and T are, and chunk-steps whose
+coefficients are all zero (clipped steps, all-tied prompts) are skipped.
+
+No UNet work the loss does not need: the reference pass covers only the trained steps, and is skipped while the LoRA
+adds exactly nothing (a fresh run's first epoch: lora_B = 0, so log pi_ref = log pi_old to the bit).
 
 Around the loop: evaluation statistics live in evaluation.py, what the run folder shows people (previews, the reward
 curve, the before/after grid) in reporting.py, the LoRA's metadata in export.py, memory decisions in memory.py. The
@@ -40,12 +43,12 @@ from .export import export_lora, training_metadata
 from .lora_weights import LoraWeights
 from .files import atomic_write_text
 from .memory import graphs_are_cheap, memory_advice
-from .models import (add_lora, apply_memory_options, load_pipeline, lora_disabled, lora_modules, lora_parameters,
-                     model_info, resolve_device)
+from .models import (add_lora, apply_memory_options, load_pipeline, lora_disabled, lora_is_zero, lora_modules,
+                     lora_parameters, model_info, resolve_device)
 from .objectives import EpochBatch, make_objective
 from .prompts import describe_evaluation, draw_prompts, evaluation_sets, load_prompts
 from .rewards import RewardMix
-from .sampling import PhaseMeter, Sampler, Trajectories, chunk_generator, to_pil
+from .sampling import PhaseMeter, Sampler, Trajectories, chunk_generator, image_chunks, to_pil
 from .stat_tracking import PerPromptStatTracker
 
 CONFIG_FILE = "config.toml"
@@ -243,6 +246,8 @@ class Trainer:
         """log pi_ref of the trained steps: the same UNet with the LoRA off (only objectives that need it)."""
         if not self.objective.needs_reference:
             return None
+        if lora_is_zero(self.unet):  # the samples' own log-probs are the reference's, bit for bit
+            return traj.log_probs[:, :, :self.trained_steps].clone()
         with lora_disabled(self.unet):
             return self.sampler.all_log_probs(traj, self._progress(number, "reference", traj), self.trained_steps)
 
@@ -327,15 +332,22 @@ class Trainer:
         loss = self.objective.loss(log_probs, batch)
         (coefficients,) = torch.autograd.grad(loss, log_probs)
         stats = self.objective.stats(current, batch)
-        for n, images in traj.chunks():
+        coefficients = coefficients.flatten(0, 1)  # [N * B, steps]: the chunks' flat image order
+        chunks = traj.chunks()
+        # which chunk-steps have any nonzero coefficient, read in one go rather than waiting at each step
+        live = torch.stack([coefficients[images].ne(0).any(dim=0) for images in chunks]).tolist()
+        for images, live_steps in zip(chunks, live):
             self._check_stop()
-            for step in range(coefficients.shape[2]):
-                coef = coefficients[n, images, step]
-                graph = graphs.pop((n, images.start, step)) if graphs is not None else None  # freed as we go
-                if not coef.any():
+            text = None
+            for step, is_live in enumerate(live_steps):
+                graph = graphs.pop((images.start, step)) if graphs is not None else None  # freed as we go
+                if not is_live:
                     continue
+                coef = coefficients[images, step]
                 if graph is None:
-                    self.chunk_backward(traj, n, images, step, coef)
+                    if text is None:
+                        text = self.sampler.chunk_text(traj.chunk_cond(images), traj.negative)
+                    self.chunk_backward(traj, images, step, coef, text)
                 else:
                     with self.sampler.clock.timed():
                         (coef * graph).sum().backward()
@@ -343,11 +355,13 @@ class Trainer:
                 on_chunk()
         return loss.item(), stats
 
-    def chunk_backward(self, traj: Trajectories, n: int, images: slice, step: int, coef: torch.Tensor) -> None:
-        """Add d(sum(coef * log pi))/dtheta of one chunk at one step to the LoRA gradients."""
+    def chunk_backward(self, traj: Trajectories, images: slice, step: int, coef: torch.Tensor,
+                       text=None) -> None:
+        """Add d(sum(coef * log pi))/dtheta of one chunk at one step to the LoRA gradients (`text`: the chunk's
+        `Sampler.chunk_text`, when already built)."""
         clock = self.sampler.clock
         if self.unet.dtype != torch.float16:
-            chunk_log_probs = self.sampler.chunk_log_probs(traj, n, images, step)
+            chunk_log_probs = self.sampler.chunk_log_probs(traj, images, step, text)
             with clock.timed():
                 (coef * chunk_log_probs).sum().backward()
             return
@@ -355,7 +369,7 @@ class Trainer:
         # back-propagate a power-of-two multiple and divide it out in fp32; on overflow retry with a smaller one.
         scale = 2.0 ** (FP16_GRAD_EXPONENT - math.ceil(math.log2(coef.abs().max().item())))
         for _ in range(4):
-            chunk_log_probs = self.sampler.chunk_log_probs(traj, n, images, step)
+            chunk_log_probs = self.sampler.chunk_log_probs(traj, images, step, text)
             with clock.timed():
                 grads = torch.autograd.grad((coef * scale * chunk_log_probs).sum(), self.params,
                                             materialize_grads=True)
@@ -377,15 +391,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ sampling, eval
     def sample(self, prompts: list[str], count: int, key: tuple, epoch: int, phase: str,
                 keep_trajectory: bool = False) -> tuple[Trajectories | None, list]:
-        """Sample `count` images per prompt in chunks of batch_size, each image's noise from (key, prompt, image).
-        Returns the trajectories (if kept) and the decoded PIL images (prompt-major).
-        Kept trajectories are chunked per prompt (the layout training reads back); otherwise a chunk may span
-        prompts, so evaluating a few images per prompt still runs the UNet on full batches."""
+        """Sample `count` images per prompt in `image_chunks` of batch_size (spanning prompts), each image's noise
+        from (key, prompt, image). Returns the trajectories (if kept) and the decoded PIL images (prompt-major)."""
         sampler, size = self.sampler, self.config.batch_size
         cond, negative = sampler.encode_prompts(prompts)
         pairs = [(n, i) for n in range(len(prompts)) for i in range(count)]
-        groups = [pairs[n * count:(n + 1) * count] for n in range(len(prompts))] if keep_trajectory else [pairs]
-        chunks = [group[start:start + size] for group in groups for start in range(0, len(group), size)]
+        chunks = [pairs[images] for images in image_chunks(len(pairs), size)]
         latents, log_probs, images = [], [], []
         for done, chunk in enumerate(chunks, 1):
             self._check_stop()
@@ -434,7 +445,7 @@ class Trainer:
 
     def _progress(self, epoch: int, phase: str, traj: Trajectories, repeats: int = 1):
         """A callback for each chunk of `repeats` passes over the trajectories: checks for a stop, reports progress."""
-        total = sum(1 for _ in traj.chunks()) * repeats
+        total = len(traj.chunks()) * repeats
         counter = iter(range(1, total + 1))
 
         def on_chunk():

@@ -21,8 +21,8 @@ needs_diffusers_lora_loading = pytest.mark.skipif(
 
 @pytest.fixture
 def tiny_config(tmp_path):
-    """A run small enough for a unit test on the random builtin:tiny model: 2 prompts x 3 images (chunks of 2 and
-    1), 4 steps."""
+    """A run small enough for a unit test on the random builtin:tiny model: 2 prompts x 3 images (3 chunks of 2, the
+    middle one spanning both prompts), 4 steps."""
     return TrainConfig(output_dir=str(tmp_path / "runs"), model="builtin:tiny", prompts="builtin:animals",
                        eval_prompts="", rewards={"jpeg_compressibility": 1.0}, prompts_per_epoch=2, images_per_prompt=3, batch_size=2,
                        num_steps=4, epochs=1, updates_per_epoch=2, eval_images_per_prompt=2, eval_max_prompts=2,

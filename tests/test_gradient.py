@@ -21,13 +21,9 @@ def _grads(trainer):
 
 def _full_graph_log_probs(trainer, traj):
     """Every transition's log-prob with gradient, in one graph (what the lean scheme avoids)."""
-    values = {}
-    for n, images in traj.chunks():
-        for step in range(traj.shape[2]):
-            for i, value in zip(range(images.start, images.stop), trainer.sampler.chunk_log_probs(traj, n, images, step)):
-                values[n, i, step] = value
-    n_prompts, n_images, n_steps = traj.shape
-    return torch.stack([values[index] for index in sorted(values)]).view(n_prompts, n_images, n_steps)
+    rows = [torch.stack([trainer.sampler.chunk_log_probs(traj, images, step) for step in range(traj.shape[2])], 1)
+            for images in traj.chunks()]
+    return torch.cat(rows).view(traj.shape)
 
 
 def test_lean_gradient_equals_autograd_with_clipping_active(set_up_trainer):
@@ -112,9 +108,9 @@ def test_retained_graphs_give_the_lean_gradient_bit_for_bit(set_up_trainer):
     same log-probs, same coefficients, so the same gradient to the last bit (same chunks, same kernels)."""
     trainer = set_up_trainer(learning_rate=3e-3, retain_graphs="off")
     assert not trainer.retain_graphs
-    # auto on the CPU: kept for a small UNet while an update has at most 16 micro-batch-steps (here 4 chunks x steps)
-    assert set_up_trainer(retain_graphs="auto", num_steps=4, train_step_fraction=1.0).retain_graphs
-    assert not set_up_trainer(retain_graphs="auto", num_steps=5, train_step_fraction=1.0).retain_graphs
+    # auto on the CPU: kept for a small UNet while an update has at most 16 micro-batch-steps (here 3 chunks x steps)
+    assert set_up_trainer(retain_graphs="auto", num_steps=5, train_step_fraction=1.0).retain_graphs
+    assert not set_up_trainer(retain_graphs="auto", num_steps=6, train_step_fraction=1.0).retain_graphs
     rewards = torch.tensor([[0.3, -0.2, 0.9], [0.1, 0.4, -0.5]])
     traj, batch = _epoch(trainer, rewards)
     trainer.update(traj, batch, traj.log_probs)  # theta moves away from theta_old
@@ -129,7 +125,48 @@ def test_retained_graphs_give_the_lean_gradient_bit_for_bit(set_up_trainer):
 
     trainer.optimizer.zero_grad(set_to_none=True)
     retained, graphs = trainer.sampler.log_probs_with_graphs(traj)
-    assert len(graphs) == 2 * 2 * traj.shape[2]  # 2 prompts x 2 chunks (of 2 and 1 images) x steps
+    assert len(graphs) == 3 * traj.shape[2]  # 6 images in 3 chunks of 2 (the middle one spans both prompts) x steps
     trainer.accumulate_gradient(traj, batch, retained, graphs)
     assert torch.equal(retained, current) and not graphs  # every graph consumed or dropped
     assert lean.norm() > 0 and torch.equal(_grads(trainer), lean)
+
+
+def test_chunks_spanning_prompts_give_the_per_prompt_gradient(set_up_trainer):
+    """batch_size 3 chunks 2 prompts x 3 images one prompt per chunk; 2 and 4 make chunks that span prompts, each image
+    keeping its own prompt's conditioning and noise: the same samples and the same gradient, up to float rounding
+    from the batch composition."""
+    rewards = torch.tensor([[0.3, -0.2, 0.9], [0.1, 0.4, -0.5]])
+    results = {}
+    for batch_size in (3, 2, 4):
+        trainer = set_up_trainer(batch_size=batch_size, learning_rate=3e-3, clip_range=10.0)  # nothing clipped
+        traj, batch = _epoch(trainer, rewards)
+        assert [(c.start, c.stop) for c in traj.chunks()] == [(s, min(s + batch_size, 6)) for s in range(0, 6,
+                                                                                                         batch_size)]
+        trainer.update(traj, batch, traj.log_probs)  # away from theta_old, so lora_A's gradient is nonzero too
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.accumulate_gradient(traj, batch, trainer.sampler.all_log_probs(traj))
+        results[batch_size] = traj, _grads(trainer)
+    per_prompt_traj, per_prompt = results[3]
+    assert per_prompt.norm() > 0
+    for batch_size in (2, 4):
+        traj, gradient = results[batch_size]
+        assert (traj.latents - per_prompt_traj.latents).abs().max().item() < 1e-4
+        assert ((gradient - per_prompt).norm() / per_prompt.norm()).item() < 1e-4
+
+
+def test_first_epoch_skips_the_reference_pass_for_the_same_lora(set_up_trainer, monkeypatch):
+    """A fresh LoRA (lora_B = 0) adds nothing, so the first epoch's reference log-probs are the samples' own: no
+    reference UNet pass, and after two epochs the LoRA equals, to the bit, a run's that ran the pass. Once the LoRA
+    has moved, the pass runs."""
+    from prdp_core import trainer as trainer_module
+
+    skipping = set_up_trainer()
+    assert skipping.train_epoch(0)["timings"]["unet_by_phase"]["reference"] == 0
+    assert skipping.train_epoch(1)["timings"]["unet_by_phase"]["reference"] > 0
+
+    monkeypatch.setattr(trainer_module, "lora_is_zero", lambda unet: False)
+    passing = set_up_trainer()
+    assert passing.train_epoch(0)["timings"]["unet_by_phase"]["reference"] > 0
+    passing.train_epoch(1)
+    assert all(torch.equal(a, b) for a, b in zip(skipping.params, passing.params))
+    assert any(p.abs().max() > 0 for p in skipping.params if p.shape[0] > p.shape[1])  # trained: lora_B moved

@@ -33,6 +33,20 @@ def test_sampled_images_equal_stock_pipeline(build):
     assert log_probs.dtype == torch.float32
 
 
+@pytest.mark.parametrize("resolution", [64, 56], ids=["one-draw-per-image", "a-draw-per-step"])
+def test_per_image_generators_draw_the_stock_pipelines_noise(resolution):
+    """The trainer's generator per image: each image's noise for all steps is drawn in one call where that equals the
+    stock pipeline's draw per step (a multiple of 16 values: 4 x 8 x 8), and per step otherwise (4 x 7 x 7)."""
+    pipe = build_tiny_pipeline()
+    sampler = Sampler(pipe, num_steps=5, guidance_scale=5.0, eta=1.0, resolution=resolution)
+    cond, negative = sampler.encode_prompts(["a painting of a fox"])
+    latents, _ = sampler.sample_chunk(cond, negative, 3, [torch.Generator().manual_seed(7 + i) for i in range(3)])
+    stock = pipe("a painting of a fox", num_images_per_prompt=3, num_inference_steps=5, guidance_scale=5.0, eta=1.0,
+                 height=resolution, width=resolution, output_type="pt",
+                 generator=[torch.Generator().manual_seed(7 + i) for i in range(3)]).images
+    assert (sampler.decode(latents[:, -1]) - stock).abs().max().item() < 1e-6
+
+
 def test_recorded_step_matches_diffusers_ddim_step():
     pipe = build_tiny_pipeline()
     sampler = Sampler(pipe, num_steps=5, guidance_scale=3.0, eta=1.0)
@@ -41,7 +55,7 @@ def test_recorded_step_matches_diffusers_ddim_step():
     step = 2
     x_t, x_prev = latents[:, step], latents[:, step + 1]
     timestep = sampler.timesteps[step]
-    output = sampler.guided_prediction(x_t, timestep, cond, negative)
+    output = sampler.guided_prediction(x_t, timestep, sampler.chunk_text(cond.expand(2), negative))
     mean, std = ddim_mean_std(pipe.scheduler, output, timestep, x_t, 1.0)
     implied_noise = (x_prev - mean) / std
     stock = pipe.scheduler.step(output, timestep, x_t, eta=1.0, variance_noise=implied_noise).prev_sample
