@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       "guidance_scale", "objective", "lora_rank", "lora_targets",
                                                       "precision", "gradient_checkpointing", "vae_tiling",
                                                       "offload_models", "retain_graphs")},
+        "batch_size_used": trainer.batch_size,
         "resolution": trainer.sampler.side,
         "lora_modules": len(trainer.lora_modules),
         "run_s": round(run_s, 1),

@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _, train_flags = parser.parse_known_args(argv)
     config = resolve_train_config(build_parser().parse_args(["train", *train_flags]))
+    if not config.batch_size:
+        parser.error("pass --batch-size N: memory is estimated for a given number of images per UNet call")
     result = estimate(config)
     gib = {name: round(value / GIB, 3) for name, value in result.pop("peak_bytes").items()}
     result["resident_gib"] = {name: round(value / GIB, 3) for name, value in result.pop("resident_bytes").items()}

@@ -97,9 +97,9 @@ class TrainConfig:
     images_per_prompt: int = _field(16, "Images sampled per prompt (B); pairs are formed among them.", "loop",
                                     minimum=2)
     updates_per_epoch: int = _field(4, "Gradient updates per epoch on the same samples (K).", "loop", minimum=1)
-    batch_size: int = _field(16, "Images per UNet call, in sampling and training alike; lower it to save memory "
-                             "(results change only by float rounding; a resumed run may change it).", "loop",
-                             minimum=1)
+    batch_size: int = _field(0, "Images per UNet call, in sampling and training alike; 0 picks it for the device "
+                             "(a GPU: what fits its free memory). Results change only by float rounding; a resumed "
+                             "run may change it.", "loop", minimum=0)
     # --- the sampler
     num_steps: int = _field(20, "DDIM sampling steps (T).", "sampler", minimum=1, maximum=1000)
     guidance_scale: float = _field(5.0, "Classifier-free guidance scale, applied inside every step.", "sampler",

@@ -31,6 +31,10 @@ class RunWork:
     def epoch(self) -> float:
         return sum(self.passes.values())
 
+    def epoch_work(self, number: int) -> float:
+        """Epoch `number`'s work (from 1): the first has no reference pass (a fresh LoRA is the reference model)."""
+        return self.epoch - (self.passes["reference"] if number == 1 else 0.0)
+
     @property
     def evaluation(self) -> float:
         return sum(self.eval_sets.values())
@@ -42,7 +46,7 @@ class RunWork:
 
     @property
     def total(self) -> float:
-        return self.epochs * self.epoch + self.evaluations * self.evaluation
+        return self.epochs * self.epoch - self.passes["reference"] + self.evaluations * self.evaluation
 
     def done(self, epoch: int, evaluated: set[str] | Mapping, phase: str = "", phase_done: int = 0,
              phase_total: int = 0) -> float:
@@ -54,7 +58,7 @@ class RunWork:
         # a resumed run does not repeat the evaluations before its checkpoint, and its snapshot does not list them
         before_done = "before" in evaluated or epoch > 0 or training
         work = self.evaluation if before_done else 0.0
-        work += min(epoch, self.epochs) * self.epoch
+        work += sum(self.epoch_work(number) for number in range(1, min(epoch, self.epochs) + 1))
         if self.eval_every:
             between = [e for e in range(self.eval_every, self.epochs, self.eval_every) if e <= epoch]
             pending = epoch in between and not training and f"epoch-{epoch}" not in evaluated
@@ -62,9 +66,10 @@ class RunWork:
         if "after" in evaluated:
             return self.total  # a resumed run then redraws its "before" images: nothing left that counts
         if training:
-            names = list(self.passes)
+            passes = {**self.passes, "reference": 0.0} if epoch == 0 else self.passes  # in the first epoch
+            names = list(passes)
             index = names.index(phase)
-            work += sum(self.passes[n] for n in names[:index]) + within * self.passes[phase]
+            work += sum(passes[n] for n in names[:index]) + within * passes[phase]
         elif evaluating:
             name, names = phase[len("eval "):], list(self.eval_sets)
             if name in names:

@@ -244,6 +244,8 @@ class Sampler:
     clock: UNetClock = field(default_factory=UNetClock)
 
     def __post_init__(self):
+        # the UNet stays where it is for the run; diffusers' .dtype/.device walk every module (ms with a LoRA attached)
+        self.device, self.unet_dtype = self.pipe.unet.device, self.pipe.unet.dtype
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(self.num_steps)  # on the CPU first, for the lookups below (even on the meta device)
         # each step's alpha_bar pair, looked up once rather than at every call of every step
@@ -253,10 +255,6 @@ class Sampler:
         self.sdxl = getattr(self.pipe.unet.config, "addition_embed_type", None) == "text_time"
         self._text_cache: dict[str, TextConditioning] = {}  # prompt -> its conditioning, on the UNet's device
         self._time_ids: torch.Tensor | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe.unet.device
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -289,7 +287,7 @@ class Sampler:
         # keywords: the SD and SDXL pipelines order these parameters differently
         out = pipe.encode_prompt(prompt=prompts, device=pipe.text_encoder.device, num_images_per_prompt=1,
                                  do_classifier_free_guidance=False)
-        encoded = TextConditioning(out[0], out[2] if self.sdxl else None).to(self.device, self.pipe.unet.dtype)
+        encoded = TextConditioning(out[0], out[2] if self.sdxl else None).to(self.device, self.unet_dtype)
         return [encoded[i:i + 1] for i in range(len(prompts))]
 
     def _encode_negative(self) -> TextConditioning:
@@ -302,23 +300,21 @@ class Sampler:
     def time_ids(self, count: int) -> torch.Tensor:
         """SDXL's size conditioning [count, 6]: original size, crop top-left (0, 0), target size. Built once: it is
         needed on every UNet call."""
-        unet = self.pipe.unet
-        if self._time_ids is None or self._time_ids.device != unet.device or self._time_ids.dtype != unet.dtype:
+        if self._time_ids is None:
             side = self.side
-            self._time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=unet.dtype, device=unet.device)
+            self._time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=self.unet_dtype, device=self.device)
         return self._time_ids.expand(count, -1)
 
     def chunk_text(self, cond: TextConditioning, negative: TextConditioning) -> TextConditioning:
         """The UNet's text input for a chunk whose images have conditioning `cond` (one row per image): the negative
         rows, then `cond`, under guidance. Built once per chunk and pass, then used at every step."""
-        unet = self.pipe.unet
         text = TextConditioning.cat([negative.expand(len(cond)), cond]) if self.guided else cond
-        return text.to(unet.device, unet.dtype)  # no copy when it already is
+        return text.to(self.device, self.unet_dtype)  # no copy when it already is
 
     def guided_prediction(self, latents: torch.Tensor, timestep, text: TextConditioning) -> torch.Tensor:
         """The guided model output (fp32) for a chunk of latents [m, C, h, w] and its `chunk_text`."""
         unet = self.pipe.unet
-        model_input = (torch.cat([latents, latents]) if self.guided else latents).to(unet.dtype)
+        model_input = (torch.cat([latents, latents]) if self.guided else latents).to(self.unet_dtype)
         extra = {}
         if self.sdxl:
             extra["added_cond_kwargs"] = {"text_embeds": text.pooled, "time_ids": self.time_ids(len(text))}

@@ -249,11 +249,12 @@ def measured_pace(runs_folder: str | Path, config: TrainConfig) -> float | None:
     for run in list_runs(runs_folder):
         if any(getattr(run.config, name) != getattr(config, name) for name in PACE_SETTINGS):
             continue
-        epoch = run_work(run.config, {}).epoch
+        work = run_work(run.config, {})
         for line in (run.path / METRICS_FILE).read_text(encoding="utf-8").splitlines():
-            seconds = json.loads(line).get("timings", {}).get("total") if line.strip() else None
+            metrics = json.loads(line) if line.strip() else {}
+            seconds = metrics.get("timings", {}).get("total")
             if seconds:
-                paces.append(seconds / epoch)
+                paces.append(seconds / work.epoch_work(metrics["epoch"]))
         if paces:
             return statistics.median(paces)
     return None

@@ -42,7 +42,7 @@ from .evaluation import EVAL_NOISE_KEY, score_evaluation
 from .export import export_lora, training_metadata
 from .lora_weights import LoraWeights
 from .files import atomic_write_text
-from .memory import graphs_are_cheap, memory_advice
+from .memory import auto_batch_size, graphs_are_cheap, memory_advice
 from .models import (add_lora, apply_memory_options, load_pipeline, lora_disabled, lora_is_zero, lora_modules,
                      lora_parameters, model_info, resolve_device)
 from .objectives import EpochBatch, make_objective
@@ -122,7 +122,8 @@ class Trainer:
         except torch.cuda.OutOfMemoryError:
             phase = self.meter.out_of_memory_in if self.meter is not None else None
             resume = f" the run {self.run_dir}" if self.run_dir else ""
-            message = (f"out of GPU memory{' in ' + phase if phase else ''}; {memory_advice(self.config, phase)}, "
+            advice = memory_advice(self.config, phase, getattr(self, "batch_size", None))
+            message = (f"out of GPU memory{' in ' + phase if phase else ''}; {advice}, "
                        f"then resume{resume}.")
             self._emit(Failed(message, self.run_dir))
             raise PrdpError(message) from None
@@ -190,14 +191,29 @@ class Trainer:
         add_lora(self.unet, config.lora_rank, config.lora_alpha, config.lora_targets)
         self.lora_modules = lora_modules(self.unet)
         self.params = lora_parameters(self.unet)
-        self.retain_graphs = config.retain_graphs == "on" or (config.retain_graphs == "auto" and graphs_are_cheap(
-            config, self.device, self.unet, self.trained_steps))
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.batch_size = config.batch_size or auto_batch_size(config.prompts_per_epoch * config.images_per_prompt,
+                                                               self.device, self.unet, self._training_peak)
+        self.retain_graphs = config.retain_graphs == "on" or (config.retain_graphs == "auto" and graphs_are_cheap(
+            config, self.device, self.unet, self.trained_steps, self.batch_size))
         self.epoch, self.state, self.before_images = 0, {"started_at": time.time()}, None
         self.preview_image = None  # the exported LoRA's card thumbnail: the latest training sample
         if checkpoint is not None:
             self._restore(checkpoint)
+
+    def _training_peak(self, batch: int) -> int:
+        """Peak allocated accelerator bytes of one training chunk of `batch` images (forward and backward on random
+        latents), from which batch_size auto finds what fits."""
+        sampler = self.sampler
+        cond, negative = sampler.encode_prompts(self.train_prompts[:1])
+        side = sampler.side // self.pipe.vae_scale_factor
+        latents = torch.randn(batch, self.unet.config.in_channels, side, side, device=self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        sampler.guided_prediction(latents, sampler.timesteps[0], sampler.chunk_text(cond.expand(batch), negative)) \
+            .sum().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.cuda.max_memory_allocated(self.device)
 
     def _restore(self, checkpoint: Path) -> None:
         from peft.utils import set_peft_model_state_dict
@@ -360,7 +376,7 @@ class Trainer:
         """Add d(sum(coef * log pi))/dtheta of one chunk at one step to the LoRA gradients (`text`: the chunk's
         `Sampler.chunk_text`, when already built)."""
         clock = self.sampler.clock
-        if self.unet.dtype != torch.float16:
+        if self.sampler.unet_dtype != torch.float16:
             chunk_log_probs = self.sampler.chunk_log_probs(traj, images, step, text)
             with clock.timed():
                 (coef * chunk_log_probs).sum().backward()
@@ -393,7 +409,7 @@ class Trainer:
                 keep_trajectory: bool = False) -> tuple[Trajectories | None, list]:
         """Sample `count` images per prompt in `image_chunks` of batch_size (spanning prompts), each image's noise
         from (key, prompt, image). Returns the trajectories (if kept) and the decoded PIL images (prompt-major)."""
-        sampler, size = self.sampler, self.config.batch_size
+        sampler, size = self.sampler, self.batch_size
         cond, negative = sampler.encode_prompts(prompts)
         pairs = [(n, i) for n in range(len(prompts)) for i in range(count)]
         chunks = [pairs[images] for images in image_chunks(len(pairs), size)]

@@ -18,7 +18,7 @@ def test_work_counted_by_hand():
     assert work.passes == {"sampling": 160, "reference": 32, "optimization": 4 * 3 * 32 + 3 * 32}
     assert work.eval_sets == {"seen": 4 * 2 * 10 * 2, "unseen": 3 * 2 * 10 * 2}
     assert (work.eval_images, work.evaluations) == (14, 2)
-    assert work.total == 3 * (160 + 32 + 480) + 2 * 280
+    assert work.total == 3 * (160 + 32 + 480) - 32 + 2 * 280  # no reference pass in the first epoch
     ddpo = run_work(TrainConfig.from_dict({**CONFIG.to_dict(), "objective": "ddpo", "guidance_scale": 1.0}), {})
     assert ddpo.passes["reference"] == 0 and ddpo.passes["sampling"] == 80  # no reference; no unconditional branch
     every = run_work(TrainConfig.from_dict({**CONFIG.to_dict(), "epochs": 7, "eval_every": 3}), {"seen": ["p"]})
@@ -34,12 +34,13 @@ def test_the_share_done_through_a_run():
         (work.done(0, {}, "eval unseen", 1, 3), evaluation * (4 + 1) / 7),
         (work.done(0, {"before"}), evaluation),
         (work.done(0, {"before"}, "sampling", 1, 2), evaluation + 80),
-        (work.done(0, {"before"}, "optimization", 2, 7), evaluation + 192 + 480 * 2 / 7),
-        (work.done(1, {"before"}), evaluation + epoch),
-        (work.done(2, {"before"}, "eval seen", 2, 2), 2 * evaluation * 1 + 2 * epoch - evaluation + 160),
-        (work.done(2, {"before", "epoch-2"}), 2 * evaluation + 2 * epoch),
-        (work.done(2, {}, "sampling", 0, 2), 2 * evaluation + 2 * epoch),  # resumed after epoch 2: none repeated
-        (work.done(3, {"before", "epoch-2"}, "eval unseen", 3, 3), 2 * evaluation + 3 * epoch + evaluation),
+        (work.done(0, {"before"}, "optimization", 2, 7), evaluation + 160 + 480 * 2 / 7),  # no first reference
+        (work.done(1, {"before"}), evaluation + epoch - 32),
+        (work.done(1, {"before"}, "optimization", 0, 7), evaluation + 2 * epoch - 32 - 480),
+        (work.done(2, {"before"}, "eval seen", 2, 2), 2 * evaluation * 1 + 2 * epoch - 32 - evaluation + 160),
+        (work.done(2, {"before", "epoch-2"}), 2 * evaluation + 2 * epoch - 32),
+        (work.done(2, {}, "sampling", 0, 2), 2 * evaluation + 2 * epoch - 32),  # resumed after epoch 2: none repeated
+        (work.done(3, {"before", "epoch-2"}, "eval unseen", 3, 3), 2 * evaluation + 3 * epoch - 32 + evaluation),
         (work.done(3, {"before", "after"}, "eval seen", 1, 2), work.total),  # a resumed run redraws "before"
     ]
     for got, expected in points:
@@ -69,6 +70,7 @@ def test_an_earlier_runs_pace_is_this_machines_pace(tmp_path):
     epoch = run_work(CONFIG, {}).epoch
     (run / "metrics.jsonl").write_text('{"epoch": 1, "timings": {"total": 6.0}}\n{"epoch": 1, "eval": {}}\n'
                                        '{"epoch": 2, "timings": {"total": 4.0}}\n')
-    assert measured_pace(tmp_path, CONFIG) == pytest.approx(5.0 / epoch)
+    # the first epoch's work has no reference pass (32 image-steps)
+    assert measured_pace(tmp_path, CONFIG) == pytest.approx((6.0 / (epoch - 32) + 4.0 / epoch) / 2)
     other = TrainConfig.from_dict({**CONFIG.to_dict(), "model": "builtin:tiny"})
     assert measured_pace(tmp_path, other) is None  # another model's pace says nothing about this one

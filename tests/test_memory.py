@@ -173,3 +173,37 @@ def test_running_out_of_memory_says_what_to_change_and_keeps_the_run(tiny_config
     assert "\n" not in message and all(words in message for words in named), message
     assert not any(words in message for words in not_named), message
     assert checkpoints.latest_checkpoint(trainer.run_dir) is not None  # resumable: a checkpoint precedes all work
+
+
+def test_auto_batch_size_fits_the_device_and_evens_out_chunks(monkeypatch):
+    from prdp_core import memory
+
+    small, large = torch.nn.Linear(4, 4), torch.nn.Module()
+    monkeypatch.setattr(memory, "is_small", lambda unet: unet is small)
+    cpu = torch.device("cpu")
+    assert memory.auto_batch_size(32, cpu, small, None) == 32  # the toy default's epoch in one call
+    assert memory.auto_batch_size(100, cpu, small, None) == 50  # at most 64: two even chunks, not 64 + 36
+    assert memory.auto_batch_size(32, cpu, large, None) == 4
+
+    # a GPU: 2 GiB used by the model, 14 GiB free; a chunk peaks at 3 GiB + 1 GiB per image
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (14 * gib, 16 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2 * gib)
+    measured = []
+
+    def peak(images):
+        measured.append(images)
+        return (3 + images) * gib
+    cuda = torch.device("cuda")
+    # budget 2 + 0.75 x 14 = 12.5 GiB: 9 images peak at 12 GiB, 10 at 13; 32 images go as 4 chunks of 8
+    assert memory.auto_batch_size(32, cuda, small, peak) == 8 and measured == [1, 2]
+    assert memory.auto_batch_size(6, cuda, small, peak) == 6
+    assert memory.fitting_batch(4 * gib, 5 * gib, 12.5 * gib) == 9
+    assert memory.fitting_batch(20 * gib, 21 * gib, 12.5 * gib) == 1  # nothing fits: the smallest chunk, and advice
+
+
+def test_batch_size_auto_on_the_cpu_puts_a_small_epoch_in_one_chunk(set_up_trainer):
+    trainer = set_up_trainer(batch_size=0)
+    assert trainer.batch_size == 6
+    traj, _ = trainer.sample(trainer.train_prompts[:2], 3, (0, 0), 1, "sampling", keep_trajectory=True)
+    assert traj.chunks() == [slice(0, 6)]
