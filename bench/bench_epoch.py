@@ -20,6 +20,7 @@ loop of UNet calls on the trained model, at the batch size that is fastest per i
 N x B x T and the reference pass's N x B x trained steps without gradient, the K updates' N x B x trained steps with
 forward and backward, and K - 1 more passes without gradient unless the trainer keeps their graphs.
 `epoch_to_bare_unet` = median epoch seconds / those seconds: what the epoch costs beyond the UNet work it needs.
+`ms_per_image_step_by_batch`: each batch size's milliseconds per image-step, [without gradient, with backward].
 """
 
 from __future__ import annotations
@@ -81,15 +82,17 @@ def bare_unet(trainer: Trainer, reference_ran: bool) -> dict:
     images, trained, updates = config.prompts_per_epoch * config.images_per_prompt, trainer.trained_steps, \
         config.updates_per_epoch
     batches = [b for b in BARE_BATCHES if b <= images]
-    no_grad = min((_seconds_per_image(trainer, b, False), b) for b in batches)
-    with_grad = min((_seconds_per_image(trainer, b, True), b) for b in batches)
+    per_image = {b: (_seconds_per_image(trainer, b, False), _seconds_per_image(trainer, b, True)) for b in batches}
+    no_grad = min((seconds[0], b) for b, seconds in per_image.items())
+    with_grad = min((seconds[1], b) for b, seconds in per_image.items())
     no_grad_rows = images * (config.num_steps + trained * reference_ran
                              + trained * (updates - 1) * (not trainer.retain_graphs))
     backward_rows = images * trained * updates
     seconds = no_grad_rows * no_grad[0] + backward_rows * with_grad[0]
     return {"seconds": round(seconds, 4), "image_steps_without_gradient": no_grad_rows,
             "image_steps_with_backward": backward_rows, "best_batch_without_gradient": no_grad[1],
-            "best_batch_with_backward": with_grad[1]}
+            "best_batch_with_backward": with_grad[1],
+            "ms_per_image_step_by_batch": {b: [round(1000 * t, 3) for t in seconds] for b, seconds in per_image.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
