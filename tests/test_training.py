@@ -132,10 +132,10 @@ def test_default_training_raises_the_toy_rewards_on_unseen_captions_by_3_standar
     """The default run (`prdp train`: the toy model, toy_match, 16 epochs, seed 0) with a 4x larger evaluation, 32
     captions x 16 fixed seeds per split: the default's 128 images per split cannot resolve one run's gain
     (docs/toy-world.md, "How large the gain is"). On unseen captions toy_match and toy_alignment (its log, per
-    image) must rise by more than 3 paired standard errors. Measured when written (torch 2.13, transformers 5.24, diffusers 0.42.1, peft
-    0.21.2): toy_match +0.081 ± 0.014 (5.9 SE), toy_alignment +0.79 ± 0.12 (6.9 SE). Seeds 1 and 2 gain less
-    (toy_match +0.027 ± 0.013 and +0.031 ± 0.010), so if a library update re-rolls this run's training below the bar,
-    compare those seeds before suspecting the code."""
+    image) must rise by more than 3 paired standard errors. Measured with the epoch in one UNet chunk (2026-12-07;
+    torch 2.13, transformers 5.24, diffusers 0.42.1, peft 0.21.2): toy_match +0.073 ± 0.013 (5.5 SE), toy_alignment
+    +0.79 ± 0.12 (6.8 SE). Seeds 1 and 2 gain less (toy_match +0.028 ± 0.012 and +0.027 ± 0.012), so if a library
+    update re-rolls this run's training below the bar, compare those seeds before suspecting the code."""
     trainer = Trainer(TrainConfig(output_dir=str(tmp_path), eval_max_prompts=32, eval_images_per_prompt=16))
     lora = trainer.run()
     summary = json.loads((trainer.run_dir / "summary.json").read_text())
