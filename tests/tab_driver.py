@@ -35,7 +35,7 @@ def set_field(page, name: str, value) -> None:
 
 def fill_short_toy_run(page, epochs: int) -> None:
     """The form's settings for a toy run of a few seconds per epoch, evaluation included."""
-    for name, value in [("epochs", epochs), ("prompts_per_epoch", 2), ("images_per_prompt", 2), ("num_steps", 6)]:
+    for name, value in [("epochs", epochs), ("prompts_per_epoch", 2), ("images_per_prompt", 4), ("num_steps", 6)]:
         set_field(page, name, value)
     set_field(page, "eval_max_prompts", 2)
     set_field(page, "eval_images_per_prompt", 2)

@@ -21,7 +21,7 @@ from tab_driver import click_tab, free_port, set_field, start_short_toy_run, wai
 
 CHROMIUM = os.environ.get("PRDP_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 PYTHONS = [sys.executable, *os.environ.get("PRDP_HOST_PYTHONS", "").split()]
-EPOCHS = 6  # about 2 s each here: room to stop after the first and still have epochs left to resume
+EPOCHS = 8  # 1-2 s each here: room to stop after the first and still have epochs left to resume
 HOST_TAB = "PRDP"
 pytestmark = pytest.mark.slow  # a server and a browser per Gradio world: the fast lane leaves it out
 # How A1111 and Forge show an extension's tab (modules/ui.py): its Blocks rendered inside a TabItem of their own.
@@ -111,7 +111,8 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
     expect(status).to_contain_text(f"epoch 1 of {EPOCHS}", timeout=120_000)  # counted from 1, in words
     expect(status.locator(".prdp-progress")).to_have_count(1)
     expect(status).to_contain_text(re.compile(r"elapsed · about \d+:\d\d left"), timeout=60_000)
-    expect(status).to_contain_text(f"epoch 2 of {EPOCHS}", timeout=120_000)  # the first epoch is done
+    # the first epoch is done (a short epoch may pass between two polls of the page, so any later one will do)
+    expect(status).to_contain_text(re.compile(rf"epoch [2-{EPOCHS - 1}] of {EPOCHS}"), timeout=120_000)
     page.screenshot(path=str(tmp_path / "running_run.png"), full_page=True)
     # the toy model draws its captions in this Python too (a text encoder that failed to load scores about 0)
     before = re.search(r"evaluation before: seen ([0-9.e-]+)", page.locator("#prdp_log textarea").input_value())
@@ -126,7 +127,7 @@ def test_short_toy_run_in_the_browser(browser, app, tmp_path):
     curve = page.locator("#prdp_curve img")
     expect(curve).to_have_count(1)
     assert page.locator("#prdp_gallery img").count() >= 2
-    expect(page.locator("#prdp_captions li").first).to_contain_text(re.compile(r"images 1–2: .{25,} · rewards"))
+    expect(page.locator("#prdp_captions li").first).to_contain_text(re.compile(r"images 1–4: .{25,} · rewards"))
     curve_when_stopped = curve.get_attribute("src")
 
     page.get_by_role("button", name="resume", exact=True).click()
