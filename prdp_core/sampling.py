@@ -110,7 +110,7 @@ def image_chunks(count: int, batch_size: int) -> list[slice]:
 @dataclass
 class Trajectories:
     """One epoch's samples. Index order everywhere: prompt n, image i, step t (t = 0 is the first, noisiest step).
-    Chunks index the images flattened prompt-major (image n * B + i), as `flat` and `flat_log_probs` hold them."""
+    Chunks index the images flattened prompt-major (image n * B + i), as `flat_latents` holds them."""
 
     prompts: list[str]  # N
     cond: TextConditioning  # N rows
