@@ -265,6 +265,8 @@ def cmd_train(args) -> int:
         trainer = Trainer(config)
     reporter = _Reporter(trainer.config, quiet=args.quiet)
     trainer.on_event = reporter
+    if trainer.processes.count > 1 and trainer.processes.is_main:
+        print(trainer.processes.describe(trainer.config.prompts_per_epoch))
     stop = threading.Event()
     outcome: dict = {}
 
@@ -287,6 +289,7 @@ def cmd_train(args) -> int:
     reporter.close()
     if "error" in outcome:
         raise outcome["error"]
+    trainer.processes.close()
     return 0
 
 

@@ -13,6 +13,8 @@ from .evaluation import paired_delta
 from .files import atomic_write_text
 from .plots import image_grid, line_plot
 
+BEFORE_AFTER_PROMPTS = 4  # prompts of each evaluation set that the before/after grid shows
+
 
 def save_epoch_preview(run_dir: Path, epoch: int, prompts: list[str], images: list, rewards: list[float],
                        per_prompt: int) -> None:
@@ -49,12 +51,12 @@ def plot_reward_curve(metrics_path: Path, out: Path, mix: str, rewards: list[str
 
 def save_before_after(out: Path, eval_sets: dict[str, list[str]], count: int, before: tuple[dict, dict],
                       after: tuple[dict, dict]) -> None:
-    """Up to 4 prompts of each eval set, before and after, on the same seeds: each image with its reward, each
+    """Up to BEFORE_AFTER_PROMPTS prompts of each eval set, before and after, on the same seeds: each image with its reward, each
     row with the prompt's mean, so the picture says what changed. `before` and `after` are (images by set,
     results by set) of the two evaluations."""
     rows, captions, titles = [], [], []
     for name, prompts in eval_sets.items():
-        for j, prompt in enumerate(prompts[:4]):
+        for j, prompt in enumerate(prompts[:BEFORE_AFTER_PROMPTS]):
             for label, (images, results) in (("before", before), ("after", after)):
                 scores = results[name]["scores"][j * count:(j + 1) * count]
                 rows.append(images[name][j * count:(j + 1) * count])

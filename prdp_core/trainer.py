@@ -35,6 +35,7 @@ import torch
 
 from . import checkpoints, reporting
 from .config import TrainConfig
+from .distributed import Processes
 from .errors import ConfigError, PrdpError
 from .events import (CheckpointWritten, EpochEnd, EpochSampled, Evaluated, Event, Failed, Finished, Progress,
                      RunStarted, StepMetrics)
@@ -76,7 +77,9 @@ class Trainer:
         # Cheap checks first, so bad prompts or reward names fail before a model is loaded.
         self.train_prompts = load_prompts(config.prompts)
         self.eval_sets = evaluation_sets(config, self.train_prompts)
-        self.device = resolve_device(config.device)
+        self.processes = Processes.from_environment()  # one, or those started by accelerate launch / torchrun
+        self.processes.check_prompts_per_epoch(config.prompts_per_epoch)
+        self.device = self.processes.device(resolve_device(config.device))
         self.reward_mix = RewardMix(config.rewards, device=self.device, dtype=config.reward_dtype,
                                     options=config.reward_options, normalization=config.reward_normalization)
         self.reward_mix.check()
@@ -180,9 +183,11 @@ class Trainer:
                                   config.prediction_type)  # before any folder is made
         self.sampler = Sampler(self.pipe, config.num_steps, config.guidance_scale, config.eta,
                                config.negative_prompt, config.resolution)
-        self.run_dir = self.resume_dir or _new_run_dir(config)
-        config.save(self.run_dir / CONFIG_FILE)
-        (self.run_dir / "previews").mkdir(exist_ok=True)
+        if self.processes.is_main:  # the only process that writes the run folder
+            self.run_dir = self.resume_dir or _new_run_dir(config)
+            config.save(self.run_dir / CONFIG_FILE)
+            (self.run_dir / "previews").mkdir(exist_ok=True)
+        self.run_dir = Path(self.processes.broadcast(str(self.run_dir)))
         apply_memory_options(self.pipe, config.gradient_checkpointing, config.vae_tiling, config.offload_models)
         self.meter = PhaseMeter(self.device, self.sampler.clock)
         self.unet = self.pipe.unet
@@ -193,7 +198,8 @@ class Trainer:
         self.params = lora_parameters(self.unet)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay)
-        self.batch_size = config.batch_size or auto_batch_size(config.prompts_per_epoch * config.images_per_prompt,
+        share = self.processes.share(config.prompts_per_epoch)
+        self.batch_size = config.batch_size or auto_batch_size((share.stop - share.start) * config.images_per_prompt,
                                                                self.device, self.unet, self._training_peak)
         self.retain_graphs = config.retain_graphs == "on" or (config.retain_graphs == "auto" and graphs_are_cheap(
             config, self.device, self.unet, self.trained_steps, self.batch_size))
@@ -225,7 +231,7 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.load_state_dict(state.get("tracker", {}))
         metrics = self.run_dir / METRICS_FILE
-        if metrics.is_file():  # drop epochs after the checkpoint (and a line cut by a crash): they are redone
+        if self.processes.is_main and metrics.is_file():  # drop epochs after the checkpoint (and a line cut by a crash): they are redone
             kept = [line for line in metrics.read_text(encoding="utf-8").splitlines() if _epoch_of(line) <= self.epoch]
             atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
@@ -237,26 +243,50 @@ class Trainer:
         config, meter = self.config, self.meter
         meter.reset()
         number = epoch + 1  # events and files count epochs from 1
+        self._check_stop(aligned=True)
         prompts = draw_prompts(self.train_prompts, config.prompts_per_epoch, config.seed, epoch)
+        share = self.processes.share(len(prompts))  # this process's prompts (all of them without a launcher)
         with meter.phase("sampling"):  # decoding inside it is metered as its own phase
             traj, images = self.sample(prompts, config.images_per_prompt, (config.seed, epoch), number, "sampling",
-                                       keep_trajectory=True)
+                                       keep_trajectory=True, share=share)
         with meter.phase("reward"):
-            rewards, total, components = self._score(prompts, images)
-        self._emit_samples(number, prompts, images, total, components)
+            rewards, total, components = self._score(prompts, images, share)
+        self._emit_samples(number, prompts, self._gather_shown(images, share, config.images_per_prompt, 2), total,
+                           components)
         with meter.phase("reference"):
             log_probs_ref = self._reference_log_probs(traj, number)
         with meter.phase("optimization"):
             updates = self._optimize(traj, prompts, rewards, log_probs_ref, epoch)
         return self._epoch_metrics(number, total, components, updates)
 
-    def _score(self, prompts: list[str], images: list) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """(what the objective learns from, [N, B]; the raw weighted total that is logged; each component)."""
+    def _score(self, prompts: list[str], images: list, share: slice) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(what the objective learns from, [N, B]; the raw weighted total that is logged; each component) of the
+        whole epoch, from this process's `images` of `prompts[share]`."""
         per_prompt = self.config.images_per_prompt
-        signal, components = self.reward_mix.score(images, [p for p in prompts for _ in range(per_prompt)])
+        components = self._gathered_scores(prompts, images, share, per_prompt)
+        signal = self.reward_mix.combine(components)  # batch z-scores span the whole epoch
         total = self.reward_mix.combine(components, normalize=False)  # comparable across epochs
         self._offload_rewards()
         return signal.view(len(prompts), per_prompt), total, components
+
+    def _gathered_scores(self, prompts: list[str], images: list, share: slice, per_prompt: int
+                         ) -> dict[str, torch.Tensor]:
+        """Every component's raw scores of all `prompts` x `per_prompt` images, prompt-major, from this process's
+        `images` of `prompts[share]`."""
+        mix = self.reward_mix
+        if images:
+            local = mix.components(images, [p for p in prompts[share] for _ in range(per_prompt)])
+        else:  # an evaluation set with fewer prompts than processes leaves some without any
+            local = {name: torch.zeros(0) for name in mix.weights}
+        return {name: self.processes.gather(scores.view(-1, per_prompt), len(prompts)).flatten()
+                for name, scores in local.items()}
+
+    def _gather_shown(self, images: list, share: slice, per_prompt: int, shown_prompts: int) -> list:
+        """On process 0, the images of the first `shown_prompts` prompts (what previews show), from this process's
+        `images` of `share`; elsewhere an empty list."""
+        mine = max(0, min(share.stop, shown_prompts) - share.start) * per_prompt
+        parts = self.processes.gather_to_main(images[:mine])
+        return [image for part in parts for image in part] if parts is not None else []
 
     def _reference_log_probs(self, traj: Trajectories, number: int) -> torch.Tensor | None:
         """log pi_ref of the trained steps: the same UNet with the LoRA off (only objectives that need it)."""
@@ -269,13 +299,17 @@ class Trainer:
 
     def _optimize(self, traj: Trajectories, prompts: list[str], rewards: torch.Tensor,
                   log_probs_ref: torch.Tensor | None, epoch: int) -> list[dict]:
-        """K updates on the epoch's samples; each update's loss, gradient norm and statistics."""
+        """K updates on the epoch's samples (`traj`: this process's; `prompts`, `rewards`: the whole epoch's); each
+        update's loss, gradient norm and statistics."""
         config, sampler, trained, number = self.config, self.sampler, self.trained_steps, epoch + 1
+        everyone = self.processes.gather  # the objective sees every process's transitions
         advantages = None
         if self.tracker is not None:
             advantages = torch.as_tensor(self.tracker.update(prompts, rewards.numpy()), dtype=torch.float32)
             advantages = advantages.to(traj.log_probs.device)
-        old = traj.log_probs[:, :, :trained]
+        old = everyone(traj.log_probs[:, :, :trained], len(prompts))
+        if log_probs_ref is not None:
+            log_probs_ref = everyone(log_probs_ref, len(prompts))
         batch = EpochBatch(old, rewards.to(old.device), log_probs_ref, advantages)
         updates = []
         # one count over the phase's passes (K backward, K - 1 log-prob), so that progress never runs backwards
@@ -288,6 +322,7 @@ class Trainer:
                     current, graphs = sampler.log_probs_with_graphs(traj, progress, trained)
                 else:
                     current = sampler.all_log_probs(traj, progress, trained)
+                current = everyone(current, len(prompts))
             loss, grad_norm, stats = self.update(traj, batch, current, graphs, progress)
             updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
             self._emit(StepMetrics(number, k, epoch * config.updates_per_epoch + k + 1, loss, grad_norm, stats))
@@ -330,6 +365,7 @@ class Trainer:
         for param in self.params:  # a skipped chunk may leave a parameter without gradient
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
+        self.processes.sum_gradients(self.params)  # each process holds its own images' part of the gradient
         max_norm = self.config.max_grad_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # never step, checkpoint or export NaN weights
@@ -348,7 +384,8 @@ class Trainer:
         loss = self.objective.loss(log_probs, batch)
         (coefficients,) = torch.autograd.grad(loss, log_probs)
         stats = self.objective.stats(current, batch)
-        coefficients = coefficients.flatten(0, 1)  # [N * B, steps]: the chunks' flat image order
+        # this process's images, [its N * B, steps]: the chunks' flat image order
+        coefficients = coefficients[self.processes.share(len(current))].flatten(0, 1)
         chunks = traj.chunks()
         # which chunk-steps have any nonzero coefficient, read in one go rather than waiting at each step
         live = torch.stack([coefficients[images].ne(0).any(dim=0) for images in chunks]).tolist()
@@ -406,18 +443,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ sampling, eval
     def sample(self, prompts: list[str], count: int, key: tuple, epoch: int, phase: str,
-                keep_trajectory: bool = False) -> tuple[Trajectories | None, list]:
-        """Sample `count` images per prompt in `image_chunks` of batch_size (spanning prompts), each image's noise
-        from (key, prompt, image). Returns the trajectories (if kept) and the decoded PIL images (prompt-major)."""
+                keep_trajectory: bool = False, share: slice | None = None) -> tuple[Trajectories | None, list]:
+        """Sample `count` images for each prompt of `prompts[share]` (default: all) in `image_chunks` of batch_size
+        (spanning prompts), each image's noise from (key, prompt index, image). Returns the trajectories (if kept)
+        and the decoded PIL images (prompt-major)."""
         sampler, size = self.sampler, self.batch_size
+        share = share or slice(0, len(prompts))
+        # all prompts in one batch whatever the share, so that each one's conditioning is the same to the bit
         cond, negative = sampler.encode_prompts(prompts)
+        first, prompts = share.start, prompts[share]
+        cond = cond[torch.arange(share.start, share.stop, device=cond.embeds.device)]
         pairs = [(n, i) for n in range(len(prompts)) for i in range(count)]
         chunks = [pairs[images] for images in image_chunks(len(pairs), size)]
         latents, log_probs, images = [], [], []
         for done, chunk in enumerate(chunks, 1):
             self._check_stop()
             # one generator per image: the noise does not depend on how images are batched
-            generators = [chunk_generator(*key, n, i) for n, i in chunk]
+            generators = [chunk_generator(*key, first + n, i) for n, i in chunk]
             chunk_cond = cond[torch.tensor([n for n, _ in chunk], device=cond.embeds.device)]
             chunk_latents, chunk_log_probs = sampler.sample_chunk(chunk_cond, negative, len(chunk), generators)
             with self.meter.phase("decode"):
@@ -436,17 +478,21 @@ class Trainer:
         return traj, images
 
     def evaluate(self, label: str) -> tuple[dict, dict[str, list]]:
-        """Mean reward (with its standard error) of every eval set, on seeds fixed for the whole run."""
+        """Mean reward (with its standard error) of every eval set, on seeds fixed for the whole run, and (on process
+        0) the images of the prompts that the before/after grid shows."""
         results, images_by_set = {}, {}
         count = self.config.eval_images_per_prompt
         for index, (name, prompts) in enumerate(self.eval_sets.items()):
-            _, images = self.sample(prompts, count, (self.config.seed, EVAL_NOISE_KEY, index), self.epoch,
-                                     f"eval {name}")
+            share = self.processes.share(len(prompts))
+            images = []
+            if share.stop > share.start:
+                _, images = self.sample(prompts, count, (self.config.seed, EVAL_NOISE_KEY, index), self.epoch,
+                                         f"eval {name}", share=share)
+            components = self._gathered_scores(prompts, images, share, count)
             # raw scores: z-scoring each evaluation by itself would make before and after incomparable
-            total, components = self.reward_mix.score(images, [p for p in prompts for _ in range(count)],
-                                                      normalize=False)
+            total = self.reward_mix.combine(components, normalize=False)
             results[name] = score_evaluation(total, components)
-            images_by_set[name] = images
+            images_by_set[name] = self._gather_shown(images, share, count, reporting.BEFORE_AFTER_PROMPTS)
         self._offload_rewards()
         self._emit(Evaluated(self.epoch, label, results))
         return results, images_by_set
@@ -457,7 +503,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ outputs
     def _emit(self, event: Event) -> None:
-        self.on_event(event)
+        if self.processes.is_main:  # the others' events would repeat its own
+            self.on_event(event)
 
     def _progress(self, epoch: int, phase: str, traj: Trajectories, repeats: int = 1):
         """A callback for each chunk of `repeats` passes over the trajectories: checks for a stop, reports progress."""
@@ -469,19 +516,31 @@ class Trainer:
             self._emit(Progress(epoch, phase, next(counter), total))
         return on_chunk
 
-    def _check_stop(self) -> None:
-        if self._stop is not None and self._stop.is_set():
+    def _check_stop(self, aligned: bool = False) -> None:
+        """Raises _Cancelled when a stop was asked for. Several processes stop together, at a point they all reach
+        in step (`aligned`: each epoch's start), so that none waits forever for the others."""
+        asked = self._stop is not None and self._stop.is_set()
+        if self.processes.count > 1:
+            if not aligned:
+                return
+            asked = self.processes.any(asked)
+        if asked:
             raise _Cancelled()
 
-    def _emit_samples(self, epoch, prompts, images, total, components) -> None:
-        self.preview_image = images[0]
+    def _emit_samples(self, epoch, prompts, shown_images, total, components) -> None:
+        """Process 0 shows the epoch's first images (`shown_images`: those of its first prompts)."""
+        if not self.processes.is_main:
+            return
+        self.preview_image = shown_images[0]
         per_prompt = self.config.images_per_prompt
-        shown = min(2, len(prompts)) * per_prompt
-        self._emit(EpochSampled(epoch, [p for p in prompts for _ in range(per_prompt)][:shown], images[:shown],
+        shown = len(shown_images)
+        self._emit(EpochSampled(epoch, [p for p in prompts for _ in range(per_prompt)][:shown], shown_images,
                                 total[:shown].tolist(), total.mean().item(),
                                 {name: s.mean().item() for name, s in components.items()}))
-        reporting.save_epoch_preview(self.run_dir, epoch, prompts, images[:shown], total[:shown].tolist(), per_prompt)
+        reporting.save_epoch_preview(self.run_dir, epoch, prompts, shown_images, total[:shown].tolist(), per_prompt)
     def _append_metrics(self, metrics: dict) -> None:
+        if not self.processes.is_main:
+            return
         reporting.append_metrics(self.run_dir / METRICS_FILE, metrics)
         before = self.state.get("eval_before", {}).get("seen")
         reporting.plot_reward_curve(self.run_dir / METRICS_FILE, self.run_dir / "reward_curve.png",
@@ -490,6 +549,8 @@ class Trainer:
         self.state["epoch"] = self.epoch
         if self.tracker is not None:
             self.state["tracker"] = self.tracker.state_dict()
+        if not self.processes.is_main:
+            return
         path = checkpoints.save_checkpoint(self.run_dir, self.epoch, self._weights(), self.optimizer.state_dict(),
                                            self.state, self.config.keep_checkpoints)
         self._emit(CheckpointWritten(self.epoch, path))
@@ -504,6 +565,8 @@ class Trainer:
         if checkpoint is None:
             return None
         name = self.config.lora_name or f"prdp_{self.run_dir.name}"
+        if not self.processes.is_main:
+            return self.run_dir / f"{name}.safetensors"
         # with A1111's card files: <name>.json (reward mix, sd version) and a thumbnail from the latest samples
         return export_lora(checkpoint / "adapter.safetensors", self.run_dir / f"{name}.safetensors", sidecar=True,
                            preview=self.preview_image)
@@ -513,17 +576,21 @@ class Trainer:
         if before_images is None:  # resumed run: the base model's eval images are recomputed, same seeds
             with lora_disabled(self.unet):
                 _, before_images = self.evaluate("before (recomputed)")
+        if not self.processes.is_main:
+            return
         reporting.save_before_after(self.run_dir / "previews" / "before_after.png", self.eval_sets,
                                     self.config.eval_images_per_prompt, (before_images, self.state["eval_before"]),
                                     (after_images, after))
 
-    def _write_summary(self, after: dict, lora: Path, seconds: float) -> dict:
+    def _write_summary(self, after: dict, lora: Path, seconds: float) -> dict | None:
+        if not self.processes.is_main:
+            return None
         return reporting.write_summary(self.run_dir / SUMMARY_FILE, self.state["eval_before"], after, lora,
                                        self.state.get("elapsed_s", 0.0) + seconds, self.epoch,
                                        self.reward_mix.describe(), self.config)
 
     def _log_traceback(self) -> Path | None:
-        return reporting.log_traceback(self.run_dir) if self.run_dir is not None else None
+        return reporting.log_traceback(self.run_dir) if self.run_dir is not None and self.processes.is_main else None
 
 
 def _epoch_of(line: str) -> float:

@@ -68,8 +68,12 @@ class RewardMix:
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total, raw component scores). `normalize=False` gives the raw weighted sum whatever the mix's
         normalization: evaluations use it, since z-scores of different batches are not comparable."""
-        components = {name: reward.score(images, prompts) for name, reward in self.rewards.items()}
+        components = self.components(images, prompts)
         return self.combine(components, normalize), components
+
+    def components(self, images: list, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Each reward's raw scores (combine them with `combine`, e.g. after gathering several processes')."""
+        return {name: reward.score(images, prompts) for name, reward in self.rewards.items()}
 
     def check(self) -> None:
         """Each reward's quick check (see Reward.check)."""
