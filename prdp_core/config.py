@@ -59,8 +59,10 @@ class TrainConfig:
     prediction_type: str = _field("auto", "What the model's UNet predicts; auto reads it from the model (an SD2 "
                                   "checkpoint's A1111 .yaml beside it, else its weights).", "model",
                                   choices=("auto", "epsilon", "v_prediction"))
-    prompts: str = _field("builtin:toy_train", "Training prompts: a .txt file (one per line), a .json list, or a "
-                          "built-in set such as builtin:animals.", "model")
+    prompts: str = _field("builtin:toy_train", "Training prompts: a .txt file (one per line; read as drawn, so "
+                          "millions of lines are fine), a .json list, a Hugging Face dataset column as "
+                          "hf:NAME[:split[:column]] (needs the datasets library), or a built-in set such as "
+                          "builtin:animals.", "model")
     eval_prompts: str = _field("auto", "Prompts kept out of training, evaluated as 'unseen' beside the training "
                                "('seen') ones; auto: the toy's own with builtin:toy, none with other models; empty: "
                                "none.", "model")

@@ -1,10 +1,16 @@
-"""Prompt sources and the per-epoch prompt draw."""
+"""Prompt sources and the per-epoch prompt draw.
+
+Training reads its prompts as a sequence that stays on disk (`open_prompts`): a text file through an index of its
+line offsets, a Hugging Face dataset column through the library's memory-mapped cache. An epoch reads only the prompts
+it draws, so memory does not grow with the prompts seen, and a file of millions of lines opens in seconds.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from array import array
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -14,11 +20,98 @@ import numpy as np
 from .errors import PromptError
 
 BUILTIN_PREFIX = "builtin:"
+DATASET_PREFIX = "hf:"
+DATASET_COLUMNS = ("prompt", "text", "caption")  # the column used when the source names none, first found
 
 
 def builtin_prompt_sets() -> list[str]:
     folder = resources.files(__package__) / "prompt_sets"
     return sorted(p.name[: -len(".txt")] for p in folder.iterdir() if p.name.endswith(".txt"))
+
+
+def open_prompts(source: str | Sequence[str]) -> Sequence[str]:
+    """The prompts of `source` as a sequence: a text file or `hf:NAME[:split[:column]]` read lazily (see the module
+    docstring), anything else as load_prompts gives it. Raises PromptError like load_prompts."""
+    if isinstance(source, str) and source.startswith(DATASET_PREFIX):
+        return DatasetPrompts(source)
+    if isinstance(source, str) and not source.startswith(BUILTIN_PREFIX) and Path(source).suffix.lower() != ".json":
+        return FilePrompts(_existing_file(source))
+    return load_prompts(source)
+
+
+class FilePrompts(Sequence[str]):
+    """The prompts of a text file (one per line, `#` comments and blank lines skipped), read from disk when used;
+    only their byte offsets stay in memory (8 bytes a prompt)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offsets = array("q")
+        offset = 0
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    text = line.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    raise PromptError(f"prompt file {path} is not UTF-8 text (line {number}); save it as UTF-8 with "
+                                      f"one prompt per line.") from None
+                if text and not text.startswith("#"):
+                    self.offsets.append(offset)
+                offset += len(line)
+        _checked(self.offsets, str(path))
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[index])
+            return f.readline().decode("utf-8").strip()
+
+
+class DatasetPrompts(Sequence[str]):
+    """A string column of a Hugging Face dataset, `hf:NAME[:split[:column]]` (split: train; column: the first of
+    DATASET_COLUMNS it has, or its only string column). NAME is a hub id or a local dataset folder; `datasets` loads
+    it into its cache (memory-mapped Arrow) and is imported only here. Rows without text are skipped."""
+
+    def __init__(self, source: str):
+        name, split, column = (source[len(DATASET_PREFIX):].split(":") + ["", ""])[:3]
+        split = split or "train"
+        try:
+            import datasets
+        except ImportError:
+            raise PromptError(f"prompts {source} need the datasets library; install it with pip install datasets, "
+                              f"or give the prompts as a text file.") from None
+        try:
+            table = datasets.load_dataset(name, split=split).data
+        except ConnectionError:
+            raise PromptError(f"Hugging Face dataset {name} is not in the local cache and the hub cannot be reached; "
+                              f"download it once while online, or give the prompts as a text file.") from None
+        except Exception as exc:  # the library's own errors for a wrong name, split or file
+            reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+            raise PromptError(f"Hugging Face dataset {name} (split {split}) could not be loaded ({reason}); check "
+                              f"the name and split, as hf:NAME[:split[:column]].") from None
+        texts = [n for n in table.column_names if str(table.schema.field(n).type) in ("string", "large_string")]
+        column = column or next((c for c in DATASET_COLUMNS if c in texts), texts[0] if len(texts) == 1 else "")
+        if column not in texts:
+            wanted = column or " or ".join(DATASET_COLUMNS)
+            raise PromptError(f"Hugging Face dataset {name} has no text column {wanted}; name one of its text "
+                              f"columns ({', '.join(texts) or 'it has none'}) as hf:{name}:{split}:COLUMN.")
+        import pyarrow.compute as pc
+
+        self.column = table.column(column)
+        has_text = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(self.column)), 0), False)
+        self.rows = np.flatnonzero(has_text.to_numpy(zero_copy_only=False))
+        _checked(self.rows, source)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.column[int(self.rows[index])].as_py().strip()
 
 
 def load_prompts(source: str | Sequence[str]) -> list[str]:
@@ -33,10 +126,9 @@ def load_prompts(source: str | Sequence[str]) -> list[str]:
             raise PromptError(f"unknown builtin prompt set {name!r}; choose one of "
                               f"{', '.join(BUILTIN_PREFIX + n for n in builtin_prompt_sets())}.")
         return _checked(_parse_lines(path.read_text(encoding="utf-8")), source)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise PromptError(f"prompt file {source} does not exist; pass a .txt file with one prompt per line, a "
-                          f".json list, or builtin:animals.")
+    if source.startswith(DATASET_PREFIX):
+        return list(DatasetPrompts(source))
+    path = _existing_file(source)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -52,6 +144,14 @@ def load_prompts(source: str | Sequence[str]) -> list[str]:
             raise PromptError(f"prompt file {source} must hold a JSON list of strings.")
         return _checked([p.strip() for p in data if p.strip()], source)
     return _checked(_parse_lines(text), source)
+
+
+def _existing_file(source: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise PromptError(f"prompt file {source} does not exist; pass a .txt file with one prompt per line, a "
+                          f".json list, hf:DATASET, or builtin:animals.")
+    return path
 
 
 def save_typed_prompts(text: str, folder: str | os.PathLike) -> str | None:
@@ -73,8 +173,8 @@ def _parse_lines(text: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def _checked(prompts: list[str], source: str) -> list[str]:
-    if not prompts:
+def _checked(prompts, source: str):
+    if not len(prompts):
         raise PromptError(f"{source} holds no prompts; add at least one non-empty, non-comment line.")
     return prompts
 
@@ -91,10 +191,10 @@ def evaluation_sets(config, train_prompts: Sequence[str] | None = None) -> dict[
     """What every evaluation of a run with `config` samples: "seen" (its training prompts, loaded unless given) and,
     where it has held-out prompts, "unseen"; each at most eval_max_prompts (0: all) evenly spaced through its set,
     since sets are often sorted by subject."""
-    train = load_prompts(config.prompts) if train_prompts is None else train_prompts
-    sets = {"seen": _spread(list(train), config.eval_max_prompts)}
+    train = open_prompts(config.prompts) if train_prompts is None else train_prompts
+    sets = {"seen": _spread(train, config.eval_max_prompts)}
     if config.evaluation_prompts():
-        sets["unseen"] = _spread(load_prompts(config.evaluation_prompts()), config.eval_max_prompts)
+        sets["unseen"] = _spread(open_prompts(config.evaluation_prompts()), config.eval_max_prompts)
     return sets
 
 
@@ -106,7 +206,7 @@ def describe_evaluation(sets: dict[str, list[str]]) -> str:
     return f"{seen} only (no eval prompts given, so none kept out of training)"
 
 
-def _spread(prompts: list[str], count: int) -> list[str]:
+def _spread(prompts: Sequence[str], count: int) -> list[str]:
     if not count or count >= len(prompts):
         return list(prompts)
     return [prompts[i * len(prompts) // count] for i in range(count)]

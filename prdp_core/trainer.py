@@ -47,7 +47,7 @@ from .memory import auto_batch_size, graphs_are_cheap, memory_advice
 from .models import (add_lora, apply_memory_options, load_pipeline, lora_disabled, lora_is_zero, lora_modules,
                      lora_parameters, model_info, resolve_device)
 from .objectives import EpochBatch, make_objective
-from .prompts import describe_evaluation, draw_prompts, evaluation_sets, load_prompts
+from .prompts import describe_evaluation, draw_prompts, evaluation_sets, open_prompts
 from .rewards import RewardMix
 from .sampling import PhaseMeter, Sampler, Trajectories, chunk_generator, image_chunks, to_pil
 from .stat_tracking import PerPromptStatTracker
@@ -75,7 +75,7 @@ class Trainer:
         self.on_event = on_event or (lambda event: None)
         self.resume_dir = Path(resume_dir) if resume_dir else None
         # Cheap checks first, so bad prompts or reward names fail before a model is loaded.
-        self.train_prompts = load_prompts(config.prompts)
+        self.train_prompts = open_prompts(config.prompts)  # read from disk as drawn
         self.eval_sets = evaluation_sets(config, self.train_prompts)
         self.processes = Processes.from_environment()  # one, or those started by accelerate launch / torchrun
         self.processes.check_prompts_per_epoch(config.prompts_per_epoch)
