@@ -2,6 +2,9 @@
 
 Each prompt keeps its last `buffer_size` rewards; a sample's advantage is its reward standardised by its prompt's
 history once that holds `min_count` values, and by the whole batch before that. PRDP needs none of this.
+
+Unlike the original, the histories of at most `max_prompts` prompts are kept (those updated last), so that memory and
+checkpoints do not grow with a stream of prompts each seen a few times; a prompt dropped starts again from the batch.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import numpy as np
 
 
 class PerPromptStatTracker:
-    def __init__(self, buffer_size: int = 16, min_count: int = 16):
-        self.buffer_size, self.min_count = buffer_size, min_count
+    def __init__(self, buffer_size: int = 16, min_count: int = 16, max_prompts: int = 10_000):
+        self.buffer_size, self.min_count, self.max_prompts = buffer_size, min_count, max_prompts
         self.buffers: dict[str, deque] = {}
 
     def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
@@ -22,13 +25,17 @@ class PerPromptStatTracker:
         advantages = np.empty_like(rewards)
         batch_mean, batch_std = rewards.mean(), rewards.std() + 1e-6
         for n, prompt in enumerate(prompts):
-            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            # re-inserted, so that the dict's order is the order of last use
+            buffer = self.buffers.pop(prompt, None) or deque(maxlen=self.buffer_size)
+            self.buffers[prompt] = buffer
             buffer.extend(rewards[n].tolist())
             if len(buffer) < self.min_count:
                 mean, std = batch_mean, batch_std
             else:
                 mean, std = np.mean(buffer), np.std(buffer) + 1e-6
             advantages[n] = (rewards[n] - mean) / std
+        for prompt in list(self.buffers)[:max(0, len(self.buffers) - self.max_prompts)]:
+            del self.buffers[prompt]
         return advantages
 
     def state_dict(self) -> dict:

@@ -2,7 +2,9 @@
 
 import itertools
 import math
+from collections import deque
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,3 +111,39 @@ def test_ddpo_loss_matches_naive_loops():
     got = ddpo_loss(lp, lp_old, adv, clip_range=1e-4, adv_clip=5.0).item()
     want = naive_ddpo_loss(lp.tolist(), lp_old.tolist(), adv.tolist(), 1e-4, 5.0)
     assert got == pytest.approx(want, rel=1e-12)
+
+
+class _DdpoPytorchTracker:
+    """kvablack/ddpo-pytorch's PerPromptStatTracker, as written there (flat prompts and rewards)."""
+
+    def __init__(self, buffer_size, min_count):
+        self.buffer_size, self.min_count, self.stats = buffer_size, min_count, {}
+
+    def update(self, prompts, rewards):
+        prompts, rewards = np.array(prompts), np.array(rewards)
+        advantages = np.empty_like(rewards)
+        for prompt in np.unique(prompts):
+            prompt_rewards = rewards[prompts == prompt]
+            self.stats.setdefault(prompt, deque(maxlen=self.buffer_size)).extend(prompt_rewards)
+            if len(self.stats[prompt]) < self.min_count:
+                mean, std = np.mean(rewards), np.std(rewards) + 1e-6
+            else:
+                mean, std = np.mean(self.stats[prompt]), np.std(self.stats[prompt]) + 1e-6
+            advantages[prompts == prompt] = (prompt_rewards - mean) / std
+        return advantages
+
+
+def test_per_prompt_tracker_matches_ddpo_pytorch_and_keeps_a_bounded_number_of_prompts():
+    from prdp_core.stat_tracking import PerPromptStatTracker
+
+    rng = np.random.default_rng(0)
+    ours, theirs = PerPromptStatTracker(buffer_size=6, min_count=4), _DdpoPytorchTracker(6, 4)
+    for _ in range(5):
+        prompts = list(rng.choice(["fox", "owl", "cat", "elk"], size=2, replace=False))
+        rewards = rng.normal(size=(2, 3))
+        np.testing.assert_allclose(ours.update(prompts, rewards),
+                                   theirs.update(np.repeat(prompts, 3), rewards.flatten()).reshape(2, 3))
+    bounded = PerPromptStatTracker(buffer_size=4, min_count=4, max_prompts=3)
+    for epoch in range(10):  # a stream of prompts, each seen once
+        bounded.update([f"prompt {2 * epoch}", f"prompt {2 * epoch + 1}"], rng.normal(size=(2, 4)))
+    assert list(bounded.state_dict()) == ["prompt 17", "prompt 18", "prompt 19"]  # the last used
