@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -267,7 +268,7 @@ def cmd_train(args) -> int:
     trainer.on_event = reporter
     if trainer.processes.count > 1 and trainer.processes.is_main:
         print(trainer.processes.describe(trainer.config.prompts_per_epoch))
-    stop = threading.Event()
+    stop, done = threading.Event(), threading.Event()
     outcome: dict = {}
 
     def work():
@@ -275,16 +276,24 @@ def cmd_train(args) -> int:
             outcome["lora"] = trainer.run(stop)
         except BaseException as exc:  # handed to the main thread, which reports it
             outcome["error"] = exc
+        finally:
+            done.set()
 
     thread = threading.Thread(target=work, name="prdp-train", daemon=True)
     thread.start()
-    while thread.is_alive():
+    stopped_at = None
+    # waits on `done`, not on thread.join(): a Ctrl-C inside join() can leave is_alive() False while the thread runs
+    while not done.is_set():
         try:
-            thread.join(0.2)
+            done.wait(0.2)
         except KeyboardInterrupt:
-            if stop.is_set():
+            # a launcher (torchrun, accelerate) forwards the terminal's Ctrl-C: the same press arrives twice
+            if stopped_at is not None and (trainer.processes.count == 1 or time.monotonic() - stopped_at > 2.0):
                 raise
-            print("\nstopping after the current step (Ctrl-C again to abort without exporting)...", file=sys.stderr)
+            if stopped_at is None:
+                print("\nstopping after the current step (Ctrl-C again to abort without exporting)...",
+                      file=sys.stderr)
+                stopped_at = time.monotonic()
             stop.set()
     reporter.close()
     if "error" in outcome:

@@ -323,6 +323,7 @@ class Trainer:
                 else:
                     current = sampler.all_log_probs(traj, progress, trained)
                 current = everyone(current, len(prompts))
+            self._check_stop(aligned=True)
             loss, grad_norm, stats = self.update(traj, batch, current, graphs, progress)
             updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
             self._emit(StepMetrics(number, k, epoch * config.updates_per_epoch + k + 1, loss, grad_norm, stats))
@@ -518,7 +519,7 @@ class Trainer:
 
     def _check_stop(self, aligned: bool = False) -> None:
         """Raises _Cancelled when a stop was asked for. Several processes stop together, at a point they all reach
-        in step (`aligned`: each epoch's start), so that none waits forever for the others."""
+        in step (`aligned`: each epoch's start and each update's), so that none waits forever for the others."""
         asked = self._stop is not None and self._stop.is_set()
         if self.processes.count > 1:
             if not aligned:

@@ -164,3 +164,25 @@ def test_fewer_prompts_per_epoch_than_processes_is_refused_with_the_number_that_
         Processes(0, 2).check_prompts_per_epoch(1)
     assert "each sampling 2 or 1 of the 3 prompts" in Processes(0, 2).describe(3)
     assert "uneven" not in Processes(0, 2).describe(4)
+
+
+def test_ctrl_c_under_the_launcher_stops_every_process_at_the_same_point_and_exports(tmp_path):
+    run = tmp_path / "runs" / "stopped"
+    launcher = subprocess.Popen(_train_command(2, *RUN_FLAGS, "--epochs", "50", "--out", str(tmp_path / "runs"),
+                                               "--run-name", "stopped"),
+                                env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "epoch-0001" / "state.json").is_file():
+            assert launcher.poll() is None and time.monotonic() < deadline, "the 2-process run ended before epoch 1"
+            time.sleep(0.02)
+        os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the launcher forwards it once more
+        output, _ = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    done = checkpoint_epoch(latest_checkpoint(run))
+    assert 1 <= done < 50
+    assert f"stopped after epoch {done}; LoRA so far: {run / 'prdp_stopped.safetensors'}" in output
+    assert "SIGABRT" not in output and load_file(run / "prdp_stopped.safetensors")
