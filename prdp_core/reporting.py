@@ -51,9 +51,9 @@ def plot_reward_curve(metrics_path: Path, out: Path, mix: str, rewards: list[str
 
 def save_before_after(out: Path, eval_sets: dict[str, list[str]], count: int, before: tuple[dict, dict],
                       after: tuple[dict, dict]) -> None:
-    """Up to BEFORE_AFTER_PROMPTS prompts of each eval set, before and after, on the same seeds: each image with its reward, each
-    row with the prompt's mean, so the picture says what changed. `before` and `after` are (images by set,
-    results by set) of the two evaluations."""
+    """Up to BEFORE_AFTER_PROMPTS prompts of each eval set, before and after, on the same seeds: each image with its
+    reward, each row with the prompt's mean, so the picture says what changed. `before` and `after` are (images by
+    set, results by set) of the two evaluations."""
     rows, captions, titles = [], [], []
     for name, prompts in eval_sets.items():
         for j, prompt in enumerate(prompts[:BEFORE_AFTER_PROMPTS]):

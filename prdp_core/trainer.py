@@ -231,7 +231,8 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.load_state_dict(state.get("tracker", {}))
         metrics = self.run_dir / METRICS_FILE
-        if self.processes.is_main and metrics.is_file():  # drop epochs after the checkpoint (and a line cut by a crash): they are redone
+        # drop epochs after the checkpoint (and a line cut by a crash): they are redone
+        if self.processes.is_main and metrics.is_file():
             kept = [line for line in metrics.read_text(encoding="utf-8").splitlines() if _epoch_of(line) <= self.epoch]
             atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
