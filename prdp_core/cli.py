@@ -287,7 +287,7 @@ def cmd_train(args) -> int:
         try:
             done.wait(0.2)
         except KeyboardInterrupt:
-            # a launcher (torchrun, accelerate) forwards the terminal's Ctrl-C: the same press arrives twice
+            # a launcher forwards the terminal's Ctrl-C, so one press may arrive twice (a second press, later, aborts)
             if stopped_at is not None and (trainer.processes.count == 1 or time.monotonic() - stopped_at > 2.0):
                 raise
             if stopped_at is None:

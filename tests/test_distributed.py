@@ -59,6 +59,18 @@ def _train_command(processes: int, *args: str) -> list[str]:
             "-m", "prdp_core.cli", "train", *args]
 
 
+def _kill_all(launcher: subprocess.Popen, marker: str, sig=signal.SIGKILL) -> None:
+    """The launcher and every process whose command line holds `marker`: torchrun starts each worker in a session
+    of its own, which a kill of the launcher's process group does not reach (Linux: reads /proc)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace"):
+                os.kill(int(cmdline.parent.name), sig)
+        except (OSError, ValueError):
+            pass  # ended meanwhile
+    launcher.wait()
+
+
 def _train(tmp_path: Path, processes: int, name: str, *extra: str, **env) -> Path:
     out = tmp_path / "runs"
     result = subprocess.run(_train_command(processes, *RUN_FLAGS, "--out", str(out), "--run-name", name, *extra),
@@ -138,8 +150,7 @@ def test_two_processes_killed_after_an_epoch_resume_in_one_to_the_same_lora(tmp_
             assert launcher.poll() is None and time.monotonic() < deadline, "the 2-process run ended before epoch 1"
             time.sleep(0.02)
     finally:
-        os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and both processes, as an out-of-memory kill would
-        launcher.wait()
+        _kill_all(launcher, str(tmp_path / "runs"))  # the launcher and both processes, as an out-of-memory kill would
     assert checkpoint_epoch(latest_checkpoint(run)) < 3  # epochs are left for the single process to train
     resumed = subprocess.run(_train_command(1, "--resume", str(run), "--quiet"), env=_env(tmp_path),
                              capture_output=True, text=True, timeout=300)
@@ -178,11 +189,10 @@ def test_ctrl_c_under_the_launcher_stops_every_process_at_the_same_point_and_exp
         while not (run / "checkpoints" / "epoch-0001" / "state.json").is_file():
             assert launcher.poll() is None and time.monotonic() < deadline, "the 2-process run ended before epoch 1"
             time.sleep(0.02)
-        os.killpg(launcher.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the launcher forwards it once more
+        os.killpg(launcher.pid, signal.SIGINT)  # a terminal's Ctrl-C: the launcher forwards it to its processes
         output, _ = launcher.communicate(timeout=120)
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        _kill_all(launcher, str(tmp_path / "runs"))
     done = checkpoint_epoch(latest_checkpoint(run))
     assert 1 <= done < 50
     assert f"stopped after epoch {done}; LoRA so far: {run / 'prdp_stopped.safetensors'}" in output
