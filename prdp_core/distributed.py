@@ -8,6 +8,9 @@ whole epoch's objective, statistics and metrics itself, identically; each back-p
 images, and the LoRA gradients are summed across processes, which gives exactly the one-process gradient. So the
 weights, the optimiser and the loop state stay identical everywhere, and the process count changes nothing beyond
 float rounding (noise stays keyed per image). Process 0 alone writes the run folder.
+
+Not DDP: its hooks all-reduce at every backward, and an update here runs one backward per chunk and step; the
+gradient is summed once per update instead.
 """
 
 from __future__ import annotations
@@ -74,15 +77,16 @@ class Processes:
         return f"{self.count} processes, each sampling {each} of the {prompts_per_epoch} prompts per epoch{wait}"
 
     def gather(self, local: torch.Tensor, count: int) -> torch.Tensor:
-        """The whole first dimension (`count` rows) from every process's share of it, in order."""
+        """The whole first dimension (`count` rows) from every process's share of it, in order, on `local`'s device.
+        Gathered on the CPU (Gloo): a few floats per image, and a process with an empty share holds no GPU tensor."""
         if self.count == 1:
             return local
         sizes = [self.share(count, r).stop - self.share(count, r).start for r in range(self.count)]
-        padded = local.new_zeros((max(sizes), *local.shape[1:]))
-        padded[:len(local)] = local
+        padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype)
+        padded[:len(local)] = local.cpu()
         parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)]).to(local.device)
 
     def sum_gradients(self, params: list[torch.Tensor]) -> None:
         """Every process's gradients summed in place (each holds its images' share of the one-process gradient)."""

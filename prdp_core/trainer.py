@@ -540,6 +540,7 @@ class Trainer:
                                 total[:shown].tolist(), total.mean().item(),
                                 {name: s.mean().item() for name, s in components.items()}))
         reporting.save_epoch_preview(self.run_dir, epoch, prompts, shown_images, total[:shown].tolist(), per_prompt)
+
     def _append_metrics(self, metrics: dict) -> None:
         if not self.processes.is_main:
             return
@@ -547,6 +548,7 @@ class Trainer:
         before = self.state.get("eval_before", {}).get("seen")
         reporting.plot_reward_curve(self.run_dir / METRICS_FILE, self.run_dir / "reward_curve.png",
                                     self.reward_mix.describe(), list(self.config.rewards), before and before["mean"])
+
     def _checkpoint(self) -> None:
         self.state["epoch"] = self.epoch
         if self.tracker is not None:

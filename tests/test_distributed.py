@@ -139,16 +139,23 @@ def test_two_processes_train_the_one_process_lora_with_the_same_metrics_and_eval
     assert _files(run) == _files(one_process_run)
 
 
+def _start_two_processes(tmp_path: Path, name: str, *extra: str, **pipes) -> subprocess.Popen:
+    return subprocess.Popen(_train_command(2, *RUN_FLAGS, *extra, "--out", str(tmp_path / "runs"), "--run-name", name),
+                            env=_env(tmp_path), start_new_session=True, **pipes)
+
+
+def _wait_for_the_first_epoch(launcher: subprocess.Popen, run: Path) -> None:
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "epoch-0001" / "state.json").is_file():
+        assert launcher.poll() is None and time.monotonic() < deadline, "the 2-process run ended before epoch 1"
+        time.sleep(0.02)
+
+
 def test_two_processes_killed_after_an_epoch_resume_in_one_to_the_same_lora(tmp_path, one_process_run):
     run = tmp_path / "runs" / "killed"
-    launcher = subprocess.Popen(_train_command(2, *RUN_FLAGS, "--out", str(tmp_path / "runs"), "--run-name", "killed"),
-                                env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    launcher = _start_two_processes(tmp_path, "killed", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 240
-        while not (run / "checkpoints" / "epoch-0001" / "state.json").is_file():
-            assert launcher.poll() is None and time.monotonic() < deadline, "the 2-process run ended before epoch 1"
-            time.sleep(0.02)
+        _wait_for_the_first_epoch(launcher, run)
     finally:
         _kill_all(launcher, str(tmp_path / "runs"))  # the launcher and both processes, as an out-of-memory kill would
     assert checkpoint_epoch(latest_checkpoint(run)) < 3  # epochs are left for the single process to train
@@ -180,15 +187,10 @@ def test_fewer_prompts_per_epoch_than_processes_is_refused_with_the_number_that_
 
 def test_ctrl_c_under_the_launcher_stops_every_process_at_the_same_point_and_exports(tmp_path):
     run = tmp_path / "runs" / "stopped"
-    launcher = subprocess.Popen(_train_command(2, *RUN_FLAGS, "--epochs", "50", "--out", str(tmp_path / "runs"),
-                                               "--run-name", "stopped"),
-                                env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+    launcher = _start_two_processes(tmp_path, "stopped", "--epochs", "50", stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not (run / "checkpoints" / "epoch-0001" / "state.json").is_file():
-            assert launcher.poll() is None and time.monotonic() < deadline, "the 2-process run ended before epoch 1"
-            time.sleep(0.02)
+        _wait_for_the_first_epoch(launcher, run)
         os.killpg(launcher.pid, signal.SIGINT)  # a terminal's Ctrl-C: the launcher forwards it to its processes
         output, _ = launcher.communicate(timeout=120)
     finally:
