@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
 
@@ -281,24 +280,19 @@ def cmd_train(args) -> int:
 
     thread = threading.Thread(target=work, name="prdp-train", daemon=True)
     thread.start()
-    stopped_at = None
     # waits on `done`, not on thread.join(): a Ctrl-C inside join() can leave is_alive() False while the thread runs
     while not done.is_set():
         try:
             done.wait(0.2)
         except KeyboardInterrupt:
-            # a launcher forwards the terminal's Ctrl-C, so one press may arrive twice (a second press, later, aborts)
-            if stopped_at is not None and (trainer.processes.count == 1 or time.monotonic() - stopped_at > 2.0):
+            if stop.is_set():
                 raise
-            if stopped_at is None:
-                print("\nstopping after the current step (Ctrl-C again to abort without exporting)...",
-                      file=sys.stderr)
-                stopped_at = time.monotonic()
+            print("\nstopping after the current step (Ctrl-C again to abort without exporting)...", file=sys.stderr)
             stop.set()
     reporter.close()
+    trainer.processes.close()
     if "error" in outcome:
         raise outcome["error"]
-    trainer.processes.close()
     return 0
 
 

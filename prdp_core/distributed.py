@@ -49,16 +49,25 @@ class Processes:
         return self.rank == 0
 
     def device(self, device: torch.device) -> torch.device:
-        """A CUDA device without an index means this process's own GPU."""
-        if self.count > 1 and device.type == "cuda" and device.index is None:
-            return torch.device("cuda", self.local_rank)
-        return device
+        """This process's device: with several processes, `cuda` means its own GPU (LOCAL_RANK)."""
+        if self.count == 1 or device.type == "cpu":
+            return device
+        if device.type != "cuda":
+            raise ConfigError(f"several processes train on CUDA GPUs or on the CPU, not on {device.type}; set device "
+                              f"to cuda or cpu.")
+        if device.index is not None:
+            raise ConfigError(f"device {device} would put all {self.count} processes on one GPU; set device to cuda "
+                              f"(or auto), and each process takes its own.")
+        if self.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process {self.rank} was given GPU {self.local_rank} but sees "
+                              f"{torch.cuda.device_count()}; launch at most one process per visible GPU.")
+        return torch.device("cuda", self.local_rank)
 
     def check_prompts_per_epoch(self, prompts_per_epoch: int) -> None:
         if prompts_per_epoch < self.count:
             raise ConfigError(f"prompts_per_epoch {prompts_per_epoch} is fewer than the {self.count} processes, each "
-                              f"of which samples whole prompts; set it to at least {self.count} (a multiple of "
-                              f"{self.count} keeps every process busy).")
+                              f"of which samples whole prompts; launch at most {prompts_per_epoch}, or (for a new "
+                              f"run) set it to at least {self.count}, best a multiple.")
 
     def share(self, count: int, rank: int | None = None) -> slice:
         """The contiguous part of `count` items that process `rank` (default: this one) works on; the first
@@ -68,9 +77,12 @@ class Processes:
         start = rank * base + min(rank, extra)
         return slice(start, start + base + (rank < extra))
 
+    def sizes(self, count: int) -> list[int]:
+        """How many of `count` items each process works on, in rank order."""
+        return [len(range(count)[self.share(count, rank)]) for rank in range(self.count)]
+
     def describe(self, prompts_per_epoch: int) -> str:
-        sizes = sorted({self.share(prompts_per_epoch, r).stop - self.share(prompts_per_epoch, r).start
-                        for r in range(self.count)}, reverse=True)
+        sizes = sorted(set(self.sizes(prompts_per_epoch)), reverse=True)
         each = " or ".join(str(s) for s in sizes)
         wait = "" if len(sizes) == 1 else f" (uneven: those with {sizes[-1]} wait for the others; a multiple of " \
                                           f"{self.count} keeps all busy)"
@@ -81,7 +93,7 @@ class Processes:
         Gathered on the CPU (Gloo): a few floats per image, and a process with an empty share holds no GPU tensor."""
         if self.count == 1:
             return local
-        sizes = [self.share(count, r).stop - self.share(count, r).start for r in range(self.count)]
+        sizes = self.sizes(count)
         padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype)
         padded[:len(local)] = local.cpu()
         parts = [torch.empty_like(padded) for _ in sizes]

@@ -46,9 +46,11 @@ def fitting_batch(peak_one: float, peak_two: float, budget: float) -> int:
     return max(1, int((budget - peak_one) // per_image) + 1)
 
 
-def graphs_are_cheap(config: TrainConfig, device: torch.device, unet, trained_steps: int, batch_size: int) -> bool:
-    """Whether retain_graphs auto keeps the graphs: on the CPU (no fp16), for a small UNet and few graphs."""
-    chunks = math.ceil(config.prompts_per_epoch * config.images_per_prompt / batch_size)
+def graphs_are_cheap(config: TrainConfig, device: torch.device, unet, trained_steps: int, images: int,
+                     batch_size: int) -> bool:
+    """Whether retain_graphs auto keeps the graphs of `images` per epoch: on the CPU (no fp16), for a small UNet and
+    few graphs."""
+    chunks = math.ceil(images / batch_size)
     return (device.type == "cpu" and config.precision != "fp16" and chunks * trained_steps <= CHEAP_GRAPHS_MAX_COUNT
             and is_small(unet))
 

@@ -35,8 +35,15 @@ def open_prompts(source: str | Sequence[str]) -> Sequence[str]:
     if isinstance(source, str) and source.startswith(DATASET_PREFIX):
         return DatasetPrompts(source)
     if isinstance(source, str) and not source.startswith(BUILTIN_PREFIX) and Path(source).suffix.lower() != ".json":
-        return FilePrompts(_existing_file(source))
+        try:
+            return FilePrompts(_existing_file(source))
+        except _OtherLineBreaks:  # lines that str.splitlines() splits further: read as load_prompts reads them
+            pass
     return load_prompts(source)
+
+
+class _OtherLineBreaks(Exception):
+    pass
 
 
 class FilePrompts(Sequence[str]):
@@ -50,10 +57,13 @@ class FilePrompts(Sequence[str]):
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
                 try:
-                    text = line.decode("utf-8").strip()
+                    text = line.decode("utf-8")
                 except UnicodeDecodeError:
                     raise PromptError(f"prompt file {path} is not UTF-8 text (line {number}); save it as UTF-8 with "
                                       f"one prompt per line.") from None
+                if len(text.splitlines()) > 1:  # \r alone, \u2028, form feeds...: not one prompt per \n
+                    raise _OtherLineBreaks()
+                text = text.strip()
                 if text and not text.startswith("#"):
                     self.offsets.append(offset)
                 offset += len(line)

@@ -14,6 +14,7 @@ from .files import atomic_write_text
 from .plots import image_grid, line_plot
 
 BEFORE_AFTER_PROMPTS = 4  # prompts of each evaluation set that the before/after grid shows
+EPOCH_PREVIEW_PROMPTS = 2  # prompts of each epoch whose samples the previews show
 
 
 def save_epoch_preview(run_dir: Path, epoch: int, prompts: list[str], images: list, rewards: list[float],

@@ -26,7 +26,7 @@ class PerPromptStatTracker:
         batch_mean, batch_std = rewards.mean(), rewards.std() + 1e-6
         for n, prompt in enumerate(prompts):
             # re-inserted, so that the dict's order is the order of last use
-            buffer = self.buffers.pop(prompt, None) or deque(maxlen=self.buffer_size)
+            buffer = self.buffers.pop(prompt) if prompt in self.buffers else deque(maxlen=self.buffer_size)
             self.buffers[prompt] = buffer
             buffer.extend(rewards[n].tolist())
             if len(buffer) < self.min_count:

@@ -187,7 +187,6 @@ class Trainer:
             self.run_dir = self.resume_dir or _new_run_dir(config)
             config.save(self.run_dir / CONFIG_FILE)
             (self.run_dir / "previews").mkdir(exist_ok=True)
-        self.run_dir = Path(self.processes.broadcast(str(self.run_dir)))
         apply_memory_options(self.pipe, config.gradient_checkpointing, config.vae_tiling, config.offload_models)
         self.meter = PhaseMeter(self.device, self.sampler.clock)
         self.unet = self.pipe.unet
@@ -198,15 +197,16 @@ class Trainer:
         self.params = lora_parameters(self.unet)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, betas=(config.adam_beta1,
                                            config.adam_beta2), eps=config.adam_eps, weight_decay=config.weight_decay)
-        share = self.processes.share(config.prompts_per_epoch)
-        self.batch_size = config.batch_size or auto_batch_size((share.stop - share.start) * config.images_per_prompt,
-                                                               self.device, self.unet, self._training_peak)
+        images = self.processes.sizes(config.prompts_per_epoch)[self.processes.rank] * config.images_per_prompt
+        self.batch_size = config.batch_size or auto_batch_size(images, self.device, self.unet, self._training_peak)
         self.retain_graphs = config.retain_graphs == "on" or (config.retain_graphs == "auto" and graphs_are_cheap(
-            config, self.device, self.unet, self.trained_steps, self.batch_size))
+            config, self.device, self.unet, self.trained_steps, images, self.batch_size))
         self.epoch, self.state, self.before_images = 0, {"started_at": time.time()}, None
         self.preview_image = None  # the exported LoRA's card thumbnail: the latest training sample
         if checkpoint is not None:
             self._restore(checkpoint)
+        # the run folder for all, once every process has read the checkpoint that process 0 may now replace
+        self.run_dir = Path(self.processes.broadcast(str(self.run_dir)))
 
     def _training_peak(self, batch: int) -> int:
         """Peak allocated accelerator bytes of one training chunk of `batch` images (forward and backward on random
@@ -230,8 +230,8 @@ class Trainer:
         self.epoch, self.state = state["epoch"], state
         if self.tracker is not None:
             self.tracker.load_state_dict(state.get("tracker", {}))
-        metrics = self.run_dir / METRICS_FILE
         # drop epochs after the checkpoint (and a line cut by a crash): they are redone
+        metrics = self.resume_dir / METRICS_FILE
         if self.processes.is_main and metrics.is_file():
             kept = [line for line in metrics.read_text(encoding="utf-8").splitlines() if _epoch_of(line) <= self.epoch]
             atomic_write_text(metrics, "".join(line + "\n" for line in kept))
@@ -252,8 +252,9 @@ class Trainer:
                                        keep_trajectory=True, share=share)
         with meter.phase("reward"):
             rewards, total, components = self._score(prompts, images, share)
-        self._emit_samples(number, prompts, self._gather_shown(images, share, config.images_per_prompt, 2), total,
-                           components)
+        shown = self._gather_shown(images, share, config.images_per_prompt, reporting.EPOCH_PREVIEW_PROMPTS)
+        self._emit_samples(number, prompts, shown, total, components)
+        self._check_stop(aligned=True)
         with meter.phase("reference"):
             log_probs_ref = self._reference_log_probs(traj, number)
         with meter.phase("optimization"):
@@ -316,6 +317,7 @@ class Trainer:
         # one count over the phase's passes (K backward, K - 1 log-prob), so that progress never runs backwards
         progress = self._progress(number, "optimization", traj, repeats=2 * config.updates_per_epoch - 1)
         for k in range(config.updates_per_epoch):
+            self._check_stop(aligned=True)
             # theta = theta_old on the first update, where recomputing would reproduce the stored log-probs.
             current, graphs = old, None
             if k > 0:
@@ -324,7 +326,6 @@ class Trainer:
                 else:
                     current = sampler.all_log_probs(traj, progress, trained)
                 current = everyone(current, len(prompts))
-            self._check_stop(aligned=True)
             loss, grad_norm, stats = self.update(traj, batch, current, graphs, progress)
             updates.append({"loss": loss, "grad_norm": grad_norm, **stats})
             self._emit(StepMetrics(number, k, epoch * config.updates_per_epoch + k + 1, loss, grad_norm, stats))
@@ -520,7 +521,8 @@ class Trainer:
 
     def _check_stop(self, aligned: bool = False) -> None:
         """Raises _Cancelled when a stop was asked for. Several processes stop together, at a point they all reach
-        in step (`aligned`: each epoch's start and each update's), so that none waits forever for the others."""
+        in step (`aligned`: an epoch's start, its end of sampling and each update's start), so that none waits
+        forever for the others."""
         asked = self._stop is not None and self._stop.is_set()
         if self.processes.count > 1:
             if not aligned:
@@ -566,11 +568,9 @@ class Trainer:
             self.reward_mix.describe()))
 
     def _export(self, checkpoint: Path | None) -> Path | None:
-        if checkpoint is None:
+        if checkpoint is None or not self.processes.is_main:
             return None
         name = self.config.lora_name or f"prdp_{self.run_dir.name}"
-        if not self.processes.is_main:
-            return self.run_dir / f"{name}.safetensors"
         # with A1111's card files: <name>.json (reward mix, sd version) and a thumbnail from the latest samples
         return export_lora(checkpoint / "adapter.safetensors", self.run_dir / f"{name}.safetensors", sidecar=True,
                            preview=self.preview_image)

@@ -89,8 +89,8 @@ def _lora(run: Path, epoch: int = 3) -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoints" / f"epoch-{epoch:04d}" / "adapter.safetensors")
 
 
-def _assert_same_lora(run: Path, reference: Path) -> None:
-    ours, theirs = _lora(run), _lora(reference)
+def _assert_same_lora(run: Path, reference: Path, epoch: int = 3) -> None:
+    ours, theirs = _lora(run, epoch), _lora(reference, epoch)
     assert ours.keys() == theirs.keys()
     difference = sum(((ours[k].double() - theirs[k].double()) ** 2).sum() for k in ours).sqrt()
     scale = sum((theirs[k].double() ** 2).sum() for k in theirs).sqrt()
@@ -177,9 +177,19 @@ def test_prompts_are_shared_out_in_contiguous_parts_that_cover_them_once(count, 
     assert [(p.share(count).start, p.share(count).stop) for p in world] == shares
 
 
+def test_ddpo_and_an_evaluation_set_smaller_than_the_process_count_train_as_one_process(tmp_path):
+    # DDPO's per-prompt statistics come from the gathered rewards; one evaluation prompt leaves process 1 none
+    flags = ("--objective", "ddpo", "--epochs", "2", "--eval-max-prompts", "1")
+    one, two = _train(tmp_path, 1, "one", *flags), _train(tmp_path, 2, "two", *flags)
+    _assert_same_lora(two, one, epoch=2)
+    _assert_close(_numbers(two), _numbers(one))
+    assert len(_numbers(two)[1]["seen"]["after"]["scores"]) == 2
+
+
 def test_fewer_prompts_per_epoch_than_processes_is_refused_with_the_number_that_works():
     Processes(0, 2).check_prompts_per_epoch(2)
-    with pytest.raises(ConfigError, match="prompts_per_epoch 1 is fewer than the 2 processes.*at least 2"):
+    with pytest.raises(ConfigError, match="prompts_per_epoch 1 is fewer than the 2 processes.*launch at most 1.*"
+                                          "at least 2"):
         Processes(0, 2).check_prompts_per_epoch(1)
     assert "each sampling 2 or 1 of the 3 prompts" in Processes(0, 2).describe(3)
     assert "uneven" not in Processes(0, 2).describe(4)
@@ -199,3 +209,14 @@ def test_ctrl_c_under_the_launcher_stops_every_process_at_the_same_point_and_exp
     assert 1 <= done < 50
     assert f"stopped after epoch {done}; LoRA so far: {run / 'prdp_stopped.safetensors'}" in output
     assert "SIGABRT" not in output and load_file(run / "prdp_stopped.safetensors")
+
+
+@pytest.mark.parametrize("device, refused", [
+    ("cuda:1", "would put all 2 processes on one GPU; set device to cuda"),
+    ("mps", "several processes train on CUDA GPUs or on the CPU, not on mps"),
+])
+def test_several_processes_refuse_a_device_they_cannot_share(device, refused):
+    assert Processes(1, 2).device(torch.device("cpu")) == torch.device("cpu")
+    assert Processes().device(torch.device(device)) == torch.device(device)  # one process: as given
+    with pytest.raises(ConfigError, match=refused):
+        Processes(1, 2).device(torch.device(device))

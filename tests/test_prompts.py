@@ -71,3 +71,9 @@ def test_a_dataset_without_the_datasets_library_says_how_to_install_it(monkeypat
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets raises ImportError
     with pytest.raises(PromptError, match="need the datasets library; install it with pip install datasets"):
         open_prompts("hf:someone/prompts")
+
+
+def test_a_file_with_other_line_breaks_is_split_as_load_prompts_splits_it(tmp_path):
+    path = tmp_path / "old_mac.txt"
+    path.write_bytes("a red fox\ra blue bird\u2028a green frog\n".encode("utf-8"))
+    assert list(open_prompts(str(path))) == load_prompts(str(path)) == ["a red fox", "a blue bird", "a green frog"]
