@@ -455,7 +455,7 @@ class Trainer:
         # all prompts in one batch whatever the share, so that each one's conditioning is the same to the bit
         cond, negative = sampler.encode_prompts(prompts)
         first, prompts = share.start, prompts[share]
-        cond = cond[torch.arange(share.start, share.stop, device=cond.embeds.device)]
+        cond = cond[share]
         pairs = [(n, i) for n in range(len(prompts)) for i in range(count)]
         chunks = [pairs[images] for images in image_chunks(len(pairs), size)]
         latents, log_probs, images = [], [], []
